@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make bench` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+# Where nvcc exists the CUDA extension must compile (a broken .cu fails the build).
+export JACFAST_BUILD_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
+SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+
+.PHONY: venv build test bench check clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m jacfast bench
+
+check: build
+	$(PY) -m jacfast check
+
+clean:
+	rm -rf build jacfast/*.so $(VENV)/.built

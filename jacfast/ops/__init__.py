@@ -1,0 +1,1 @@
+"""``torch.library`` registrations of jacfast's kernels (``torch.ops.jacfast.*``)."""

@@ -1,0 +1,100 @@
+"""``torch.library`` ops for the Jacobian-matching loss head, with fake kernels and autograd.
+
+The ops work on 2-D contiguous row matrices (R, D) and an already-resolved backend name;
+``jacfast/loss.py`` validates, flattens and resolves before calling them. Each op forwards
+to the kernel namespace of its backend (``jacfast.registry.kernels``), which implements the
+contract in ``csrc/README.md``: forward returns the loss and per-row float64 coefficients,
+backward is one elementwise pass that uses only those coefficients, so autograd saves no
+copy of the inputs beyond the inputs themselves.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from jacfast import registry
+
+KINDS = {"normalized": 0, "squared": 1, "norm": 2}
+REDUCTION_NONE, REDUCTION_SCALED_SUM = 0, 1
+
+
+def _kernels(backend: str):
+    return registry.kernels(backend, "jacobian_matching")
+
+
+@torch.library.custom_op("jacfast::jacobian_matching_fwd", mutates_args=())
+def jacobian_matching_fwd(
+    student: Tensor, teacher: Optional[Tensor], kind: int, reduction: int, eps: float, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Loss ((R,) or ()) in the input dtype, and per-row coefficients (R, 3) float64."""
+    return _kernels(backend).forward(student, teacher, kind, reduction, eps, scale)
+
+
+@jacobian_matching_fwd.register_fake
+def _(student, teacher, kind, reduction, eps, scale, backend):
+    rows = student.shape[0]
+    loss = student.new_empty((rows,) if reduction == REDUCTION_NONE else ())
+    return loss, student.new_empty((rows, 3), dtype=torch.float64)
+
+
+@torch.library.custom_op("jacfast::jacobian_matching_bwd", mutates_args=())
+def jacobian_matching_bwd(
+    grad_loss: Tensor,
+    student: Tensor,
+    teacher: Optional[Tensor],
+    coef: Tensor,
+    reduction: int,
+    scale: float,
+    need_student: bool,
+    need_teacher: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Gradients wrt student and teacher rows; an empty tensor for one not needed."""
+    return _kernels(backend).backward(
+        grad_loss.contiguous(), student, teacher, coef, reduction, scale, need_student, need_teacher
+    )
+
+
+@jacobian_matching_bwd.register_fake
+def _(grad_loss, student, teacher, coef, reduction, scale, need_student, need_teacher, backend):
+    grad_s = torch.empty_like(student) if need_student else student.new_empty((0,))
+    grad_t = torch.empty_like(student) if (need_teacher and teacher is not None) else student.new_empty((0,))
+    return grad_s, grad_t
+
+
+@torch.library.custom_op("jacfast::jacobian_matching_fwd_bwd", mutates_args=())
+def jacobian_matching_fwd_bwd(
+    student: Tensor, teacher: Optional[Tensor], kind: int, reduction: int, eps: float, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Loss and its gradient wrt the student rows (of the sum when reduction is none), no autograd."""
+    return _kernels(backend).forward_backward(student, teacher, kind, reduction, eps, scale)
+
+
+@jacobian_matching_fwd_bwd.register_fake
+def _(student, teacher, kind, reduction, eps, scale, backend):
+    loss = student.new_empty((student.shape[0],) if reduction == REDUCTION_NONE else ())
+    return loss, torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, kind, reduction, eps, scale, backend = inputs
+    ctx.save_for_backward(student, teacher, output[1])
+    ctx.reduction, ctx.scale, ctx.backend = reduction, scale, backend
+
+
+def _backward(ctx, grad_loss, _grad_coef):
+    student, teacher, coef = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_s, grad_t = jacobian_matching_bwd(
+        grad_loss, student, teacher, coef, ctx.reduction, ctx.scale, need_s, need_t, ctx.backend
+    )
+    return (
+        grad_s if need_s else None,
+        grad_t if (need_t and teacher is not None) else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd("jacfast::jacobian_matching_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,61 @@
+"""Plain-PyTorch oracle for the Jacobian-matching loss head.
+
+This is the ``"torch"`` backend and the reference every kernel is tested against. It
+shares no code with the kernels: it is ordinary differentiable PyTorch (any dtype,
+any device, twice differentiable), written for clarity, not speed.
+
+Shapes: ``student_jac`` and ``teacher_jac`` are (B, K, *input_dims) or (B, *input_dims);
+rows are flattened to (B, K, D). Per row, with s the student row and t the teacher row:
+
+- normalized: ``|| s / max(||s||, eps) - t / max(||t||, eps) ||^2``
+- squared:    ``|| s - t ||^2``
+- norm:       ``|| s ||^2``
+
+Reductions: ``"none"`` keeps (B, K) (or (B,) when K was implicit), ``"sum"`` adds every
+row, ``"mean"`` sums over the K outputs and averages over the B samples.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _rows(jac: torch.Tensor, has_k: bool) -> torch.Tensor:
+    """(B, K, D) view of a (B, K, *dims) or (B, *dims) tensor."""
+    batch, outputs = jac.shape[0], (jac.shape[1] if has_k else 1)
+    row_len = 1
+    for size in jac.shape[(2 if has_k else 1):]:
+        row_len *= size
+    return jac.reshape(batch, outputs, row_len)
+
+
+def _normalize(rows: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    # clamp_min maps NaN to NaN in PyTorch, so NaN rows stay NaN.
+    return rows / norm.clamp_min(eps)
+
+
+def row_losses(student_jac, teacher_jac=None, *, kind="normalized", eps=1e-12, has_k=True):
+    """Per-row losses, shape (B, K) (K = 1 when ``has_k`` is False)."""
+    s = _rows(student_jac, has_k)
+    if kind == "norm":
+        return (s * s).sum(-1)
+    t = _rows(teacher_jac, has_k)
+    if kind == "squared":
+        diff = s - t
+    elif kind == "normalized":
+        diff = _normalize(s, eps) - _normalize(t, eps)
+    else:
+        raise ValueError(f"kind must be 'normalized', 'squared' or 'norm', got {kind!r}")
+    return (diff * diff).sum(-1)
+
+
+def jacobian_matching_loss(student_jac, teacher_jac=None, *, kind="normalized", reduction="mean", eps=1e-12, has_k=True):
+    """Reference loss; see the module docstring for the contract."""
+    rows = row_losses(student_jac, teacher_jac, kind=kind, eps=eps, has_k=has_k)
+    if reduction == "none":
+        return rows if has_k else rows[:, 0]
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / rows.shape[0]
+    raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")

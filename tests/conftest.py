@@ -1,0 +1,49 @@
+"""Test-suite set-up: Triton runs through its interpreter where there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from jacfast import registry  # noqa: E402  (after TRITON_INTERPRET)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+BACKEND_DEVICE = {"cuda": "cuda", "triton": DEVICE.type, "cpu": "cpu"}
+
+
+def kernel_backends():
+    """(backend, device) pytest params for every kernel backend, each on the device it serves.
+
+    Triton runs on the GPU when there is one, else on CPU tensors through its interpreter.
+    Unavailable backends stay in the list as skips, so the report says what was not tested and why.
+    """
+    params = []
+    for name, device in BACKEND_DEVICE.items():
+        status = registry._status_for(name, device)
+        marks = () if status.available else (pytest.mark.skip(reason=status.reason),)
+        params.append(pytest.param(name, torch.device(device), id=name, marks=marks))
+    return params
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow (large memory or time)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: large tests left out of CI; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

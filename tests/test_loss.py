@@ -1,0 +1,205 @@
+"""Every kernel backend of the loss head against the float64 oracle (jacfast/reference.py)."""
+import pytest
+import torch
+from conftest import kernel_backends
+
+import jacfast
+from jacfast import reference
+
+KINDS = ("normalized", "squared", "norm")
+REDUCTIONS = ("none", "sum", "mean")
+# Shapes (B, K, *input_dims), or (B, D) with K implicit; odd, prime, D = 1 and an image row.
+SHAPES = [(3, 2, 7), (4, 1, 1), (2, 3, 97), (5, 2, 3, 5, 7), (6, 13), (1, 2, 3, 224, 224)]
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FP_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| over the whole tensor, in float64."""
+    out, ref = out.double(), ref.double()
+    den = torch.linalg.vector_norm(ref)
+    num = torch.linalg.vector_norm(out - ref)
+    return (num / den).item() if den > 0 else num.item()
+
+
+def loss_and_grads(backend, student, teacher, kind, reduction, grad_out=None, eps=1e-12):
+    """Loss and the gradients wrt student and teacher (both require grad) of <loss, grad_out>."""
+    student = student.detach().clone().requires_grad_(True)
+    inputs = [student]
+    if teacher is not None:
+        teacher = teacher.detach().clone().requires_grad_(True)
+        inputs.append(teacher)
+    if backend == "oracle":
+        loss = reference.jacobian_matching_loss(student, teacher, kind=kind, reduction=reduction, eps=eps, has_k=student.ndim >= 3)
+    else:
+        loss = jacfast.jacobian_matching_loss(student, teacher, kind=kind, reduction=reduction, eps=eps, backend=backend)
+    if grad_out is None:
+        grad_out = torch.ones_like(loss)
+    grads = torch.autograd.grad(loss, inputs, grad_out.to(loss.dtype))
+    return loss.detach(), list(grads)
+
+
+def make_pair(shape, dtype, device, kind, seed=None):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    student = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    teacher = None if kind == "norm" else torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return student, teacher
+
+
+def assert_matches_oracle(backend, student, teacher, kind, reduction, eps=1e-12):
+    """Loss and gradients of ``backend`` against the float64 oracle at the dtype's tolerance."""
+    dtype = student.dtype
+    ref_loss, _ = loss_and_grads("oracle", student.double(), None if teacher is None else teacher.double(), kind, reduction, eps=eps)
+    grad_out = torch.rand_like(ref_loss) + 0.5  # a non-trivial upstream gradient for "none"
+    ref_loss, ref_grads = loss_and_grads(
+        "oracle", student.double(), None if teacher is None else teacher.double(), kind, reduction, grad_out, eps
+    )
+    loss, grads = loss_and_grads(backend, student, teacher, kind, reduction, grad_out, eps)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    assert all(g.dtype == dtype and g.shape == student.shape for g in grads)
+    if dtype in FP_TOL:
+        tols = [FP_TOL[dtype]] * (1 + len(grads))
+    else:  # half precision: as accurate as the same-dtype PyTorch computation, both against float64
+        same_loss, same_grads = loss_and_grads("oracle", student, teacher, kind, reduction, grad_out, eps)
+        slack = torch.finfo(dtype).eps
+        tols = [rel_err(same_loss, ref_loss) + slack] + [rel_err(g, r) + slack for g, r in zip(same_grads, ref_grads)]
+    assert rel_err(loss, ref_loss) <= tols[0], (rel_err(loss, ref_loss), tols[0])
+    for got, ref, tol in zip(grads, ref_grads, tols[1:]):
+        assert rel_err(got, ref) <= tol, (rel_err(got, ref), tol)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_backend_matches_oracle(backend, device, dtype, shape, kind):
+    student, teacher = make_pair(shape, dtype, device, kind)
+    for reduction in REDUCTIONS:
+        assert_matches_oracle(backend, student, teacher, kind, reduction)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_nearly_matched_rows_stay_accurate(backend, device):
+    """t = c*s*(1 + 1e-3 noise): 2 - 2cos would lose every digit; each fp32 row within 1e-4."""
+    rows, dim = 64, 3 * 32 * 32
+    student = torch.randn(rows, 1, dim, dtype=torch.float64)
+    scale = torch.rand(rows, 1, 1, dtype=torch.float64) * 2 + 0.25
+    teacher = scale * student * (1 + 1e-3 * torch.randn_like(student))
+    student, teacher = student.float().to(device), teacher.float().to(device)
+    loss, _ = loss_and_grads(backend, student, teacher, "normalized", "none")
+    ref, _ = loss_and_grads("oracle", student.double(), teacher.double(), "normalized", "none")
+    assert ref.min() > 0
+    assert ((loss.double() - ref).abs() / ref).max() <= 1e-4
+    assert_matches_oracle(backend, student, teacher, "normalized", "mean")
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("which", ["student", "teacher", "both"])
+def test_zero_rows_take_the_eps_branch(backend, device, which):
+    student, teacher = make_pair((6, 3, 41), torch.float32, device, "normalized")
+    if which in ("student", "both"):
+        student[1, 2] = 0
+        student[4] = 0
+    if which in ("teacher", "both"):
+        teacher[1, 2] = 0
+        teacher[0, 0] = 0
+    for kind in KINDS:
+        for reduction in REDUCTIONS:
+            assert_matches_oracle(backend, student, None if kind == "norm" else teacher, kind, reduction)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_tiny_eps_branch_rows(backend, device):
+    """Rows whose norm is nonzero but below eps use the eps formula (2/eps)(u - v)."""
+    student, teacher = make_pair((4, 2, 9), torch.float64, device, "normalized")
+    student[0, 1] *= 1e-9 / student[0, 1].norm()
+    assert_matches_oracle(backend, student, teacher, "normalized", "sum", eps=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_huge_and_tiny_rows(backend, device):
+    """Row norms near the fp32 range limits: squares overflow/underflow in fp32, not in the kernels."""
+    student, teacher = make_pair((4, 2, 33), torch.float32, device, "normalized")
+    student[0], teacher[1], student[2, 1], teacher[3, 0] = student[0] * 1e30, teacher[1] * 1e30, student[2, 1] * 1e-30, teacher[3, 0] * 1e-25
+    assert_matches_oracle(backend, student, teacher, "normalized", "none")
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_non_contiguous_and_expanded_inputs(backend, device):
+    base, other = make_pair((3, 5, 4, 8), torch.float32, device, "normalized")
+    student = base.transpose(2, 3)  # (3, 5, 8, 4) non-contiguous
+    teacher = other[:, :1].expand(3, 5, 4, 8).transpose(2, 3)  # stride 0 along K
+    assert not student.is_contiguous()
+    for reduction in REDUCTIONS:
+        assert_matches_oracle(backend, student, teacher, "normalized", reduction)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_and_inf_never_become_finite(backend, device, kind):
+    student, teacher = make_pair((4, 2, 17), torch.float32, device, kind)
+    student[1, 0, 3] = float("nan")
+    student[2, 1, 5] = float("inf")
+    loss = jacfast.jacobian_matching_loss(student, teacher, kind=kind, reduction="none", backend=backend)
+    assert torch.isnan(loss[1, 0])
+    assert not torch.isfinite(loss[2, 1])
+    if kind == "normalized":
+        assert torch.isnan(loss[2, 1])
+    others = torch.ones_like(loss, dtype=torch.bool)
+    others[1, 0] = others[2, 1] = False
+    assert torch.isfinite(loss[others]).all()
+    for reduction in ("sum", "mean"):
+        assert torch.isnan(jacfast.jacobian_matching_loss(student, teacher, kind=kind, reduction=reduction, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_and_grad_matches_autograd(backend, device, kind, reduction):
+    student, teacher = make_pair((5, 3, 2, 37), torch.float32, device, kind)
+    loss, grad = jacfast.jacobian_matching_loss_and_grad(student, teacher, kind=kind, reduction=reduction, backend=backend)
+    ref_loss, ref_grads = loss_and_grads("oracle", student.double(), None if teacher is None else teacher.double(), kind, reduction)
+    assert not loss.requires_grad and not grad.requires_grad and grad.shape == student.shape
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(grad, ref_grads[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_results_are_deterministic(backend, device):
+    student, teacher = make_pair((7, 2, 5000), torch.float32, device, "normalized")
+    first = loss_and_grads(backend, student, teacher, "normalized", "sum")
+    second = loss_and_grads(backend, student, teacher, "normalized", "sum")
+    assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_gradient_flows_into_a_double_backward(backend, device):
+    """The student Jacobian built with create_graph=True: the op's gradient reaches the weights."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(11, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double().to(device)
+    x = torch.randn(6, 11, dtype=torch.float64, device=device, requires_grad=True)
+    teacher_jac = torch.randn(6, 2, 11, dtype=torch.float64, device=device)
+
+    def param_grads(loss_backend):
+        out = net(x)
+        rows = [torch.autograd.grad(out[:, k].sum(), x, create_graph=True)[0] for k in (0, 3)]
+        jac = torch.stack(rows, dim=1)
+        if loss_backend == "oracle":
+            loss = reference.jacobian_matching_loss(jac, teacher_jac)
+        else:
+            loss = jacfast.jacobian_matching_loss(jac, teacher_jac, backend=loss_backend)
+        return torch.autograd.grad(loss, list(net.parameters()))
+
+    for got, ref in zip(param_grads(backend), param_grads("oracle")):
+        assert rel_err(got, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_module_form(backend, device):
+    student, teacher = make_pair((4, 2, 9), torch.float32, device, "normalized")
+    module = jacfast.JacobianMatchingLoss(kind="squared", reduction="sum", backend=backend)
+    assert "squared" in repr(module)
+    expected = reference.jacobian_matching_loss(student.double(), teacher.double(), kind="squared", reduction="sum")
+    assert rel_err(module(student, teacher), expected) <= 1e-5
+    penalty = jacfast.jacobian_norm_penalty(student, backend=backend)
+    assert rel_err(penalty, reference.jacobian_matching_loss(student.double(), kind="norm")) <= 1e-5

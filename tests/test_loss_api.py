@@ -1,0 +1,185 @@
+"""The oracle itself, argument checking, the backend registry, torch.library and torch.compile."""
+import pytest
+import torch
+from conftest import DEVICE, kernel_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_loss import KINDS, REDUCTIONS, assert_matches_oracle, make_pair
+
+import jacfast
+from jacfast import reference, registry
+from jacfast.ops import jacobian_matching as ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_oracle_is_twice_differentiable(kind):
+    student, teacher = make_pair((3, 2, 5), torch.float64, "cpu", kind)
+    inputs = (student.requires_grad_(),) + (() if teacher is None else (teacher.requires_grad_(),))
+
+    def fn(*args):
+        return reference.jacobian_matching_loss(*args, kind=kind, reduction="none")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_oracle_gradient_matches_the_closed_form():
+    """dl/ds = (2/||s||)(u<u,v> - v) above eps and (2/eps)(u - v) below (the issue's formulas)."""
+    s, t = torch.randn(2, 1, 6, dtype=torch.float64), torch.randn(2, 1, 6, dtype=torch.float64)
+    eps = 1e-3
+    s[1] *= 1e-4 / s[1].norm()
+    s.requires_grad_()
+    (grad,) = torch.autograd.grad(reference.jacobian_matching_loss(s, t, reduction="sum", eps=eps), s)
+    u0, v0 = s[0, 0] / s[0, 0].norm(), t[0, 0] / t[0, 0].norm()
+    u1, v1 = s[1, 0] / eps, t[1, 0] / t[1, 0].norm()
+    torch.testing.assert_close(grad[0, 0], 2 / s[0, 0].norm() * (u0 * (u0 @ v0) - v0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad[1, 0], 2 / eps * (u1 - v1), rtol=1e-12, atol=0)
+
+
+def test_reductions_follow_the_paper():
+    """mean = sum over the K outputs, averaged over the B samples."""
+    student, teacher = make_pair((4, 3, 10), torch.float64, "cpu", "normalized")
+    rows = jacfast.jacobian_matching_loss(student, teacher, reduction="none", backend="torch")
+    assert rows.shape == (4, 3)
+    torch.testing.assert_close(jacfast.jacobian_matching_loss(student, teacher, reduction="mean"), rows.sum() / 4)
+    torch.testing.assert_close(jacfast.jacobian_matching_loss(student, teacher, reduction="sum"), rows.sum())
+    flat = jacfast.jacobian_matching_loss(student[:, 0], teacher[:, 0], reduction="none")
+    assert flat.shape == (4,)
+    image = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    assert jacfast.jacobian_matching_loss(image, image.flip(0), reduction="none", outputs_dim=False).shape == (4,)
+
+
+def test_empty_inputs():
+    student, teacher = torch.randn(0, 3, 5), torch.randn(0, 3, 5)
+    assert jacfast.jacobian_matching_loss(student, teacher, reduction="sum").item() == 0
+    assert jacfast.jacobian_matching_loss(student, teacher, reduction="none").shape == (0, 3)
+    with pytest.raises(ValueError, match="empty batch"):
+        jacfast.jacobian_matching_loss(student, teacher, reduction="mean")
+    no_outputs = torch.randn(2, 0, 5)
+    assert jacfast.jacobian_matching_loss(no_outputs, no_outputs.clone(), reduction="mean").item() == 0
+    with pytest.raises(ValueError, match="rows are empty"):
+        jacfast.jacobian_matching_loss(torch.randn(2, 3, 0), torch.randn(2, 3, 0))
+
+
+BAD_CALLS = [
+    (ValueError, "teacher_jac shape", lambda s, t: jacfast.jacobian_matching_loss(s, t[:, :1])),
+    (ValueError, "teacher_jac must be None", lambda s, t: jacfast.jacobian_matching_loss(s, t, kind="norm")),
+    (ValueError, "teacher_jac is required", lambda s, t: jacfast.jacobian_matching_loss(s)),
+    (TypeError, "student_jac must have a floating dtype", lambda s, t: jacfast.jacobian_matching_loss(s.long(), t)),
+    (TypeError, "student_jac must have a floating dtype", lambda s, t: jacfast.jacobian_matching_loss(s > 0, t)),
+    (TypeError, "teacher_jac must have a floating dtype", lambda s, t: jacfast.jacobian_matching_loss(s, t.int())),
+    (TypeError, "teacher_jac dtype", lambda s, t: jacfast.jacobian_matching_loss(s, t.double())),
+    (TypeError, "student_jac must be a torch.Tensor", lambda s, t: jacfast.jacobian_matching_loss(s.tolist(), t)),
+    (ValueError, "kind must be", lambda s, t: jacfast.jacobian_matching_loss(s, t, kind="cosine")),
+    (ValueError, "reduction must be", lambda s, t: jacfast.jacobian_matching_loss(s, t, reduction="avg")),
+    (ValueError, "backend must be", lambda s, t: jacfast.jacobian_matching_loss(s, t, backend="tpu")),
+    (TypeError, "backend must be a str", lambda s, t: jacfast.jacobian_matching_loss(s, t, backend=None)),
+    (ValueError, "eps must be", lambda s, t: jacfast.jacobian_matching_loss(s, t, eps=0.0)),
+    (ValueError, "student_jac must have shape", lambda s, t: jacfast.jacobian_matching_loss(s[0, 0], t[0, 0])),
+    (ValueError, "kind must be", lambda s, t: jacfast.JacobianMatchingLoss(kind="l1")),
+    (ValueError, "teacher_jac shape", lambda s, t: jacfast.jacobian_matching_loss_and_grad(s, t[:1])),
+]
+
+
+@pytest.mark.parametrize("error,message,call", BAD_CALLS, ids=[m for _, m, _ in BAD_CALLS])
+def test_bad_input_names_the_argument(error, message, call):
+    student, teacher = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    with pytest.raises(error, match=message):
+        call(student, teacher)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a second device")
+def test_devices_must_match():
+    with pytest.raises(ValueError, match="teacher_jac is on"):
+        jacfast.jacobian_matching_loss(torch.randn(2, 1, 3), torch.randn(2, 1, 3, device="cuda"))
+
+
+def test_backends_report_reasons():
+    status = jacfast.backends()
+    assert set(status) == {"cuda", "triton", "cpu", "torch"}
+    assert status["torch"].available
+    for entry in status.values():
+        assert entry.available or entry.reason
+
+
+def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
+    student, teacher = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    with pytest.raises(jacfast.BackendUnavailableError, match="CUDA tensors only"):
+        registry.resolve("cuda", torch.device("cpu"))
+    unavailable = registry.BackendStatus("cpu", False, "pretend it is not built")
+    original = registry._status_for
+    monkeypatch.setattr(registry, "_status_for", lambda name, dev: unavailable if name == "cpu" else original(name, dev))
+    with pytest.raises(jacfast.BackendUnavailableError, match="pretend it is not built"):
+        registry.resolve("cpu", torch.device("cpu"))
+    assert registry.resolve("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_opcheck(backend, device):
+    student, teacher = make_pair((4, 37), torch.float32, device, "normalized")
+    student.requires_grad_()
+    teacher.requires_grad_()
+    for kind in (0, 1):
+        for red, scale in ((0, 1.0), (1, 0.25)):
+            torch.library.opcheck(ops.jacobian_matching_fwd, (student, teacher, kind, red, 1e-12, scale, backend))
+            torch.library.opcheck(ops.jacobian_matching_fwd_bwd, (student.detach(), teacher.detach(), kind, red, 1e-12, scale, backend))
+    torch.library.opcheck(ops.jacobian_matching_fwd, (student, None, 2, 1, 1e-12, 1.0, backend))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_compiles_without_graph_break(backend, device):
+    torch._dynamo.reset()
+    student, teacher = make_pair((4, 2, 3, 5), torch.float32, device, "normalized")
+
+    def step(s, t):
+        return jacfast.jacobian_matching_loss(s, t, backend=backend) * 2 + s.square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s_eager = student.clone().requires_grad_()
+    s_comp = student.clone().requires_grad_()
+    expected, got = step(s_eager, teacher), compiled(s_comp, teacher)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(s_comp.grad, s_eager.grad)
+
+
+def test_compiles_with_inductor_and_auto_backend():
+    torch._dynamo.reset()
+    student, teacher = make_pair((4, 2, 3, 5), torch.float32, DEVICE, "normalized")
+    compiled = torch.compile(lambda s, t: jacfast.jacobian_matching_loss(s, t), fullgraph=True)
+    torch.testing.assert_close(compiled(student, teacher), jacfast.jacobian_matching_loss(student, teacher, backend="torch"))
+
+
+shapes = st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(1, 300))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_property_random_shapes_and_options(backend, device):
+    """Hypothesis: >= 200 random (shape, kind, reduction, dtype, scale, zero-row) cases."""
+    examples = 200 if backend != "triton" or device.type == "cuda" else 60  # the interpreter is slow
+
+    @settings(max_examples=examples, deadline=None, derandomize=False)
+    @given(shape=shapes, kind=st.sampled_from(KINDS), reduction=st.sampled_from(REDUCTIONS),
+           dtype=st.sampled_from([torch.float32, torch.float64]), log_scale=st.floats(-8, 8),
+           zero_row=st.booleans(), seed=st.integers(0, 2**31 - 1))
+    def check(shape, kind, reduction, dtype, log_scale, zero_row, seed):
+        student, teacher = make_pair(shape, dtype, device, kind, seed=seed)
+        student = student * 10.0**log_scale
+        if zero_row:
+            student[0, 0] = 0
+        assert_matches_oracle(backend, student, teacher, kind, reduction)
+
+    check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_more_than_2_to_31_elements(backend, device):
+    """int64 indexing: R * D > 2^31 (10.7 GB of fp32 rows)."""
+    rows, dim = 5, 2**29 + 7
+    student = torch.full((rows, 1, dim), 0.5, dtype=torch.float32, device=device)
+    student[-1, 0, -1] = 4.0
+    loss = jacfast.jacobian_matching_loss(student, None, kind="norm", reduction="none", backend=backend)
+    expected = torch.tensor([dim * 0.25] * (rows - 1) + [(dim - 1) * 0.25 + 16], dtype=torch.float64)
+    assert torch.allclose(loss.double().cpu().flatten(), expected, rtol=1e-6)
