@@ -1,0 +1,6 @@
+"""Benchmarks of jacfast's kernels against eager autograd, torch.compile and a memory-pass floor.
+
+``python -m jacfast bench`` runs them; results are JSON rows (device, versions, revision)
+under ``benchmarks/results/``; ``benchmarks/plot.py`` and ``benchmarks/report.py`` turn
+those files into plots and the README's performance section.
+"""

@@ -1,0 +1,137 @@
+"""Benchmark of the loss head: jacfast backends vs eager autograd, torch.compile, a public
+re-implementation, and the memory-pass floor, all measured in one run.
+
+Bytes that fwd+bwd must move (teacher without grad): the forward reads s and t, the
+backward reads s and t and writes grad_s: 5 * R * D * itemsize. The floor is that
+traffic at the bandwidth of a plain copy measured in the same run.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from jacfast import loss as jloss
+from jacfast import reference, registry
+from jacfast.bench.timing import measure, rotation_count
+
+SIZES = {
+    "quick": [(256, 3072), (16, 3 * 224 * 224)],
+    "full": [(8192, 784), (2048, 3072), (256, 3072), (64, 3 * 64 * 64), (16, 3 * 224 * 224)],
+    "full-cuda": [(8192, 784), (16384, 3072), (1024, 150528), (16, 150528), (6644, 150528)],
+    "smoke": [(8, 50), (2, 1000)],
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Full-tensor passes each mode must make: (with a teacher, without one for kind="norm").
+PASSES = {"fwd": (2, 1), "bwd": (3, 2), "fwd+bwd": (5, 3)}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    den = torch.linalg.vector_norm(ref.double())
+    return (torch.linalg.vector_norm(out.double() - ref.double()) / den).item() if den > 0 else 0.0
+
+
+def _public_reimplementation(student, teacher, kind):
+    """What public code typically writes: F.normalize + MSE, summed over outputs, mean over batch."""
+    batch = student.shape[0]
+    s, t = student.flatten(2), teacher.flatten(2) if teacher is not None else None
+    if kind == "normalized":
+        return F.mse_loss(F.normalize(s, dim=-1), F.normalize(t, dim=-1), reduction="sum") / batch
+    if kind == "squared":
+        return F.mse_loss(s, t, reduction="sum") / batch
+    return s.pow(2).sum() / batch
+
+
+def providers(device: torch.device, kind: str) -> dict:
+    """name -> loss function (student, teacher) for every provider that runs on ``device``."""
+    found = {}
+    for name in ("cuda", "triton", "cpu"):
+        status = registry._status_for(name, device.type)
+        interpreted = name == "triton" and device.type == "cpu"  # the interpreter is for tests, not timing
+        if status.available and not interpreted:
+            found[f"jacfast-{name}"] = lambda s, t, _b=name: jloss.jacobian_matching_loss(s, t, kind=kind, backend=_b)
+    eager = lambda s, t: reference.jacobian_matching_loss(s, t, kind=kind)  # noqa: E731
+    found["eager"] = eager
+    found["compile"] = torch.compile(eager, dynamic=False)
+    found["public"] = lambda s, t: _public_reimplementation(s, t, kind)
+    return found
+
+
+def _copy_bandwidth(numel: int, dtype, device, sets: int) -> float:
+    """Bytes/s of a plain copy (read + write) over rotating buffers of ``numel`` elements."""
+    srcs = [torch.randn(numel, device=device).to(dtype) for _ in range(sets)]
+    dst = torch.empty(numel, device=device, dtype=dtype)
+    timing = measure(lambda i: dst.copy_(srcs[i % sets]), device)
+    return 2 * numel * dst.element_size() / timing.median
+
+
+def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("normalized",), dtypes=("float32",),
+        modes=("fwd+bwd",), progress=None) -> list[dict]:
+    rows_out = []
+    for kind in kinds:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for rows, dim in sizes:
+                torch._dynamo.reset()  # a fresh compile per shape: no recompile limits, no stale guards
+                funcs = providers(device, kind)
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                sets = rotation_count(2 * rows * dim * itemsize, device)
+                pairs = [(torch.randn(rows, 1, dim, device=device).to(dtype),
+                          None if kind == "norm" else torch.randn(rows, 1, dim, device=device).to(dtype))
+                         for _ in range(sets)]
+                copy_bw = _copy_bandwidth(rows * dim, dtype, device, sets)
+                errors = _errors(funcs, pairs[0], kind)
+                for mode in modes:
+                    moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
+                    timings = {name: _time(fn, pairs, mode, device) for name, fn in funcs.items()}
+                    others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
+                    for name, timing in timings.items():
+                        row = {
+                            "op": "loss_head", "kind": kind, "dtype": dtype_name, "mode": mode, "rows": rows, "dim": dim,
+                            "provider": name, **{f"{k}_ms": v * 1e3 for k, v in timing.as_dict().items() if k != "repeats"},
+                            "repeats": timing.repeats, "bytes": moved, "gbps": moved / timing.median / 1e9,
+                            "copy_gbps": copy_bw / 1e9, "floor_ms": moved / copy_bw * 1e3,
+                            "vs_floor": timing.median / (moved / copy_bw),
+                            "speedup_vs_eager": timings["eager"].median / timing.median,
+                            "speedup_vs_compile": timings["compile"].median / timing.median,
+                            "speedup_vs_best_other": min(others) / timing.median,
+                            "max_rel_err": errors.get(name),
+                        }
+                        rows_out.append(row)
+                        if progress is not None:
+                            progress(row)
+    return rows_out
+
+
+def _time(fn, pairs, mode, device):
+    sets = len(pairs)
+    leaves = [(s.clone().requires_grad_(True), t) for s, t in pairs]
+    if mode == "fwd":
+        def call(i):
+            with torch.no_grad():
+                return fn(*pairs[i % sets])
+        return measure(call, device)
+    if mode == "bwd":
+        losses = [fn(s, t) for s, t in leaves]
+        return measure(lambda i: torch.autograd.grad(losses[i % sets], leaves[i % sets][0], retain_graph=True), device)
+
+    def fwd_bwd(i):
+        s, t = leaves[i % sets]
+        return torch.autograd.grad(fn(s, t), s)
+    return measure(fwd_bwd, device)
+
+
+def _errors(funcs, pair, kind) -> dict:
+    """Largest of the loss and gradient relative errors of each provider against float64."""
+    student, teacher = pair
+    s64 = student.double().requires_grad_(True)
+    ref = reference.jacobian_matching_loss(s64, None if teacher is None else teacher.double(), kind=kind)
+    (ref_grad,) = torch.autograd.grad(ref, s64)
+    errors = {}
+    for name, fn in funcs.items():
+        s = student.clone().requires_grad_(True)
+        loss = fn(s, teacher)
+        (grad,) = torch.autograd.grad(loss, s)
+        errors[name] = max(_rel_err(loss.detach(), ref.detach()), _rel_err(grad, ref_grad))
+    return errors

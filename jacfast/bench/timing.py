@@ -1,0 +1,108 @@
+"""Timing primitives: warm-up, repeats, medians and percentiles, CPU or CUDA clocks."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the 20th/80th percentiles over ``repeats`` calls."""
+
+    median: float
+    p20: float
+    p80: float
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def measure(fn: Callable[[int], object], device: torch.device, *, min_time: float = 0.5, min_repeats: int = 10,
+            max_repeats: int = 1000, warmup: int = 3) -> Timing:
+    """Time ``fn(i)`` for i = 0, 1, 2, ...; ``fn`` picks its inputs from a rotation by ``i``.
+
+    Each call is timed on its own (CUDA events on a GPU), so the median is robust to the
+    occasional stall; calls repeat until both ``min_repeats`` and ``min_time`` are reached.
+    """
+    for i in range(warmup):
+        fn(i)
+    samples: list[float] = []
+    started = time.perf_counter()
+    i = warmup
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - started < min_time):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            samples.append(time.perf_counter() - t0)
+        i += 1
+    samples.sort()
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
+
+
+def rotation_count(bytes_per_set: int, device: torch.device) -> int:
+    """How many input sets to rotate through so that together they exceed the caches."""
+    cache = 256 * 2**20 if device.type == "cuda" else 128 * 2**20  # > H100 L2 (50 MB), > CPU L3 here (32 MB)
+    return max(1, min(16, -(-cache // max(1, bytes_per_set))))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what a result was measured: device, versions, git revision, time."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
+    except Exception:
+        revision = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "git_revision": revision,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
