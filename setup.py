@@ -49,7 +49,8 @@ def _want_cuda():
 
 
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"] + os.environ.get("JACFAST_CPU_FLAGS", "").split()
+# No -std flag: torch adds the standard its own headers need (C++20 since torch 2.13 or so).
+cxx_flags = ["-O3", "-fopenmp"] + os.environ.get("JACFAST_CPU_FLAGS", "").split()
 
 ext_modules = [
     CppExtension(
@@ -66,8 +67,8 @@ if _want_cuda():
             sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))),
             include_dirs=_cuda_headers_from_pip(),
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+                "cxx": ["-O3"],
+                "nvcc": ["-O3", "-lineinfo"],
             },
         )
     )
