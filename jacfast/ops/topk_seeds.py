@@ -1,0 +1,103 @@
+"""Fused top-k selection + one-hot backward seeds: ``torch.ops.jacfast.topk_seeds``.
+
+Given logits (B, C) and k, one pass per row returns
+
+- ``indices`` (B, k) int64: the k largest outputs of each row, largest first, and
+- ``seeds``   (k, B, C) in the logits' dtype: ``seeds[j, b] = one_hot(indices[b, j], C)``,
+  the cotangents whose vector-Jacobian products are the selected Jacobian rows (row j of
+  every sample in one backward pass; the leading k axis is what ``is_grads_batched`` and
+  the loop / replicate strategies of :func:`jacfast.jacobians.input_jacobians` consume).
+
+Order, identical on every backend: larger values first; ties toward the lower index (so
+the result is deterministic, unlike ``torch.topk``); NaN counts as larger than every
+number, +inf included, and NaNs tie among themselves (lower index first); -0.0 == +0.0.
+
+Kernel contract (``torch.ops.jacfast_cpu.topk_seeds``, ``torch.ops.jacfast_cuda.topk_seeds``,
+``jacfast.kernels.triton_topk_seeds.topk_seeds``): ``topk_seeds(logits, k) -> (indices,
+seeds)`` on a 2-D **contiguous** tensor with B >= 1, 1 <= k <= C, dtype in {float32,
+float64, float16, bfloat16}; outputs as above, freshly allocated, on the logits' device.
+The Python layer below validates, detaches, makes contiguous and handles B = 0.
+
+The op is not differentiable: indices are integers and the seeds are constants.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import Tensor
+
+from jacfast import registry
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def topk_seeds_torch(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Plain-torch implementation (the "torch" backend and the reference for the kernels).
+
+    ``torch.topk`` promises no order among ties, so this uses a stable descending sort,
+    which keeps ties in index order and puts NaN first (torch sorts NaN as the largest).
+    """
+    batch, classes = logits.shape
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    indices = order[:, :k].contiguous()
+    seeds = logits.new_zeros((k, batch, classes))
+    # seeds[j, b, indices[b, j]] = 1
+    seeds.scatter_(2, indices.t().unsqueeze(-1), 1)
+    return indices, seeds
+
+
+@torch.library.custom_op("jacfast::topk_seeds", mutates_args=())
+def topk_seeds_op(logits: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
+    """indices (B, k) int64 and one-hot seeds (k, B, C); ``backend`` is already resolved."""
+    if backend == "torch":
+        return topk_seeds_torch(logits, k)
+    # cuda -> torch.ops.jacfast_cuda, cpu -> torch.ops.jacfast_cpu,
+    # triton -> jacfast.kernels.triton_topk_seeds (all expose topk_seeds(logits, k)).
+    return registry.kernels(backend, "topk_seeds").topk_seeds(logits, k)
+
+
+@topk_seeds_op.register_fake
+def _(logits, k, backend):
+    batch, classes = logits.shape
+    return logits.new_empty((batch, k), dtype=torch.int64), logits.new_empty((k, batch, classes))
+
+
+def _check_k(k, classes: int, name: str = "k") -> int:
+    if isinstance(k, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}") from None
+    if not 1 <= k <= classes:
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= C = {classes} (the number of outputs), got {k}")
+    return k
+
+
+def topk_seeds(logits: Tensor, k: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Top-k output indices and their one-hot backward seeds, in one fused pass.
+
+    Args:
+        logits: (B, C) floating tensor (float32, float64, float16 or bfloat16). It is
+            detached: nothing flows back through the selection.
+        k: number of outputs per sample, 1 <= k <= C.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (see ``jacfast.backends()``).
+
+    Returns:
+        indices: (B, k) int64, per row the k largest outputs, largest first; ties go to
+            the lower index and NaN counts as the largest value.
+        seeds: (k, B, C) in the logits' dtype, ``seeds[j, b] = one_hot(indices[b, j], C)``.
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (B, C), got shape {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must have a floating dtype (float32, float64, float16, bfloat16), got {logits.dtype}")
+    k = _check_k(k, logits.shape[1])
+    name = registry.resolve(backend, logits.device)
+    logits = logits.detach().contiguous()
+    if logits.shape[0] == 0:
+        name = "torch"  # empty batch: nothing to launch, spare the kernels the corner case
+    return topk_seeds_op(logits, k, name)
