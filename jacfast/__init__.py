@@ -1,22 +1,37 @@
 """jacfast: fused Jacobian-matching losses for knowledge transfer in PyTorch.
 
 Implements "Knowledge Transfer with Jacobian Matching" (Srinivas & Fleuret, ICML 2018).
+Layers: ``loss`` (the fused loss head, ``ops``/``kernels``/``csrc``), ``jacobians`` and
+``selection`` (input-Jacobian rows), ``losses`` (distillation, transfer), ``teacher_cache``,
+``trainers``; ``python -m jacfast --help`` for the command line.
 """
-from jacfast.registry import BackendUnavailableError, backends
+from jacfast.jacobians import StrategyCache, StrategyChoice, input_jacobians, strategy_cache
 from jacfast.loss import (
     JacobianMatchingLoss,
     jacobian_matching_loss,
     jacobian_matching_loss_and_grad,
     jacobian_norm_penalty,
 )
+from jacfast.losses import (
+    DistillationLoss,
+    DistillationOutput,
+    TransferLoss,
+    TransferOutput,
+    attention_map,
+    jacobian_penalty,
+)
+from jacfast.ops.topk_seeds import topk_seeds
+from jacfast.registry import BackendUnavailableError, backends
+from jacfast.selection import AllOutputs, ByFunction, Indices, Projections, Selection, Target, TopK, select
+from jacfast.teacher_cache import CacheMismatchError, TeacherCache, TeacherOutputs, WithIndices
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError",
-    "JacobianMatchingLoss",
-    "backends",
-    "jacobian_matching_loss",
-    "jacobian_matching_loss_and_grad",
-    "jacobian_norm_penalty",
+    "AllOutputs", "BackendUnavailableError", "ByFunction", "CacheMismatchError", "DistillationLoss",
+    "DistillationOutput", "Indices", "JacobianMatchingLoss", "Projections", "Selection", "StrategyCache",
+    "StrategyChoice", "Target", "TeacherCache", "TeacherOutputs", "TopK", "TransferLoss", "TransferOutput",
+    "WithIndices", "attention_map", "backends", "input_jacobians", "jacobian_matching_loss",
+    "jacobian_matching_loss_and_grad", "jacobian_norm_penalty", "jacobian_penalty", "select",
+    "strategy_cache", "topk_seeds",
 ]
