@@ -5,6 +5,7 @@ Layers: ``loss`` (the fused loss head, ``ops``/``kernels``/``csrc``), ``jacobian
 ``selection`` (input-Jacobian rows), ``losses`` (distillation, transfer), ``teacher_cache``,
 ``trainers``; ``python -m jacfast --help`` for the command line.
 """
+from jacfast.data import DataError, load_fashion_mnist, load_mnist_digits, subset_per_class
 from jacfast.jacobians import StrategyCache, StrategyChoice, input_jacobians, strategy_cache
 from jacfast.loss import (
     JacobianMatchingLoss,
@@ -20,10 +21,12 @@ from jacfast.losses import (
     attention_map,
     jacobian_penalty,
 )
+from jacfast.models import LeNetStudent, ResNetStudent, VGGTeacher, build_model
 from jacfast.ops.topk_seeds import topk_seeds
 from jacfast.registry import BackendUnavailableError, backends
 from jacfast.selection import AllOutputs, ByFunction, Indices, Projections, Selection, Target, TopK, select
 from jacfast.teacher_cache import CacheMismatchError, TeacherCache, TeacherOutputs, WithIndices
+from jacfast.trainers import CheckpointMismatchError, Distiller, SupervisedTrainer, TrainingInterrupted, TransferTrainer
 
 __version__ = "0.1.0"
 
@@ -34,4 +37,7 @@ __all__ = [
     "WithIndices", "attention_map", "backends", "input_jacobians", "jacobian_matching_loss",
     "jacobian_matching_loss_and_grad", "jacobian_norm_penalty", "jacobian_penalty", "select",
     "strategy_cache", "topk_seeds",
+    "DataError", "load_fashion_mnist", "load_mnist_digits", "subset_per_class",
+    "LeNetStudent", "ResNetStudent", "VGGTeacher", "build_model",
+    "CheckpointMismatchError", "Distiller", "SupervisedTrainer", "TrainingInterrupted", "TransferTrainer",
 ]

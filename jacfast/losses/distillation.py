@@ -413,7 +413,8 @@ class DistillationLoss(nn.Module):
         kd = zero
         if self.kd_weight > 0:
             T = self.temperature
-            kd = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(t.logits.to(logits.dtype) / T, 1),
+            # In fp32 even under autocast: a bf16 KL of two near-equal distributions can come out < 0.
+            kd = F.kl_div(F.log_softmax(logits.float() / T, 1), F.log_softmax(t.logits.float() / T, 1),
                           reduction="batchmean", log_target=True) * (T * T)
         total = self.ce_weight * ce + self.kd_weight * kd + self.beta * jac
         return DistillationOutput(total, ce, kd, jac, logits)
