@@ -413,8 +413,9 @@ class DistillationLoss(nn.Module):
         kd = zero
         if self.kd_weight > 0:
             T = self.temperature
-            # In fp32 even under autocast: a bf16 KL of two near-equal distributions can come out < 0.
-            kd = F.kl_div(F.log_softmax(logits.float() / T, 1), F.log_softmax(t.logits.float() / T, 1),
+            # At least fp32 even under autocast: a bf16 KL of near-equal distributions can come out < 0.
+            wide = torch.promote_types(logits.dtype, torch.float32)
+            kd = F.kl_div(F.log_softmax(logits.to(wide) / T, 1), F.log_softmax(t.logits.to(wide) / T, 1),
                           reduction="batchmean", log_target=True) * (T * T)
         total = self.ce_weight * ce + self.kd_weight * kd + self.beta * jac
         return DistillationOutput(total, ce, kd, jac, logits)
