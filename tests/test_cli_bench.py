@@ -27,10 +27,22 @@ def test_check_verifies_available_backends():
     assert "torch" in result.stdout and "FAIL" not in result.stdout
 
 
-def test_bench_smoke_writes_results_and_report(tmp_path):
-    result = run_cli("bench", "--suite", "smoke", "--out", str(tmp_path))
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """One smoke run of every benchmark, shared by the tests below (one thread: on a loaded
+    2-core machine OpenMP barrier stalls make tiny ops 100x slower)."""
+    out = tmp_path_factory.mktemp("bench")
+    result = run_cli("bench", "--suite", "smoke", "--threads", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    (path,) = tmp_path.glob("loss_head-smoke-*.json")
+    return out
+
+
+def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
+    import shutil
+
+    (src,) = smoke_results.glob("loss_head-smoke-*.json")
+    path = tmp_path / src.name
+    shutil.copy(src, path)
     data = json.loads(path.read_text())
     assert data["environment"]["device"] and data["environment"]["torch"]
     providers = {row["provider"] for row in data["rows"]}
@@ -45,3 +57,40 @@ def test_bench_smoke_writes_results_and_report(tmp_path):
     assert data["environment"]["device"] in section and "| normalized | float32 | 8 | 50 | cpu |" in section
     pytest.importorskip("matplotlib")
     assert report.plot(str(tmp_path))
+
+
+def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
+    from jacfast.bench import report, training_step
+    from jacfast.jacobians import STRATEGIES
+
+    (sel_path,) = smoke_results.glob("selection-smoke-*.json")
+    (step_path,) = smoke_results.glob("training_step-smoke-*.json")
+    sel, step = json.loads(sel_path.read_text()), json.loads(step_path.read_text())
+    assert sel["benchmark"] == "selection" and step["benchmark"] == "training_step"
+    assert sel["environment"]["device"] and step["environment"]["torch"]
+
+    topk = [r for r in sel["rows"] if r["op"] == "topk_seeds"]
+    assert {"jacfast-torch", "torch.topk+scatter"} <= {r["provider"] for r in topk}
+    assert all(r["median_ms"] > 0 and r["matches_naive"] for r in topk)
+    strategies = [r for r in sel["rows"] if r["op"] == "input_jacobians"]
+    for create_graph in (False, True):
+        group = {r["strategy"]: r for r in strategies if r["create_graph"] is create_graph}
+        assert set(group) == {*STRATEGIES, "auto"}
+        auto = group["auto"]
+        assert auto["median_ms"] > 0 and auto["auto_first_call_ms"] > 0 and auto["auto_choice"] in STRATEGIES
+        assert auto["vs_best_fixed"] > 0 and auto["best_fixed"] in STRATEGIES
+
+    rows = step["rows"]
+    assert [r["provider"] for r in rows] == list(training_step.PROVIDERS) * len({r["k"] for r in rows})
+    assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    # Same weights, same batch: every Jacobian-matching provider computes the naive loop's loss.
+    assert all(r["loss_rel_diff_vs_naive"] < 1e-4 for r in rows if r["provider"] != "kd-floor")
+
+    for path, data in ((sel_path, sel), (step_path, step)):
+        data["suite"] = "quick"  # the report shows quick/full suites
+        (tmp_path / path.name).write_text(json.dumps(data))
+    section = report.performance_section(str(tmp_path))
+    assert "### Input-Jacobian selection on" in section and "### Distillation training step on" in section
+    assert "| torch.topk+scatter |" in section and "| jacfast-cache |" in section
+    pytest.importorskip("matplotlib")
+    assert any("training_step-memory-" in p for p in report.plot(str(tmp_path)))

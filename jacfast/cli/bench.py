@@ -1,5 +1,8 @@
 """``python -m jacfast bench``: time every available backend against eager autograd, torch.compile,
-a public re-implementation and the memory-pass floor; write a table and a JSON result file."""
+a public re-implementation and the memory-pass floor (loss_head); the top-k seeds op and the
+input-Jacobian strategies (selection); one distillation training step against the naive
+per-class loop and a plain KD step (training_step). Writes tables and one JSON result file
+per benchmark."""
 from __future__ import annotations
 
 import json
@@ -8,14 +11,15 @@ import re
 
 import torch
 
-from jacfast.bench import loss_head
+from jacfast.bench import loss_head, selection, training_step
 from jacfast.bench.timing import environment
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
+BENCHMARKS = ("loss_head", "selection", "training_step")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark the kernels (table + JSON under --out)", description=__doc__)
+    parser = subparsers.add_parser("bench", help="benchmark the kernels, selection and a training step (tables + JSON under --out)", description=__doc__)
     parser.add_argument("--suite", choices=("quick", "full", "smoke"), default="quick",
                         help="quick: the two issue sizes (default); full: the whole sweep; smoke: tiny sizes for CI")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
@@ -25,7 +29,12 @@ def register(subparsers) -> None:
                         help="input dtypes (quick: float32; full: float32 bfloat16, plus float16 on cuda)")
     parser.add_argument("--modes", nargs="+", default=None, choices=tuple(loss_head.PASSES),
                         help="what to time (quick: fwd+bwd; full: fwd bwd fwd+bwd)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON result (default {DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON results (default {DEFAULT_OUT})")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="BENCHMARK",
+                        help=f"run only these benchmarks, of {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for CPU runs (default: torch's); on a shared, loaded machine "
+                        "1 avoids OpenMP barrier stalls; the thread count is part of the recorded device name")
     parser.set_defaults(run=run)
 
 
@@ -41,17 +50,22 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+def _write(out: str, benchmark: str, suite: str, env: dict, rows: list[dict]) -> str:
+    os.makedirs(out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+    path = os.path.join(out, f"{benchmark}-{suite}-{slug}-{env['timestamp'].replace(':', '')}.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"benchmark": benchmark, "suite": suite, "environment": env, "rows": rows}, handle, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _run_loss_head(args, device, env) -> None:
     full = args.suite == "full"
     sizes = loss_head.SIZES["full-cuda" if full and device.type == "cuda" else args.suite]
     kinds = args.kinds or (["normalized", "squared", "norm"] if full else ["normalized"])
     dtypes = args.dtypes or ((["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])) if full else ["float32"])
     modes = args.modes or (["fwd", "bwd", "fwd+bwd"] if full else ["fwd+bwd"])
-    env = environment(device)
-    print(f"jacfast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
     print(f"  the floor is the traffic of each mode at the copy bandwidth measured in this run\n", flush=True)
 
     def progress(row):
@@ -61,11 +75,58 @@ def run(args) -> int:
 
     rows = loss_head.run(sizes, device, kinds=kinds, dtypes=dtypes, modes=modes, progress=progress)
     print("\n" + _table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
-    path = os.path.join(args.out, f"loss_head-{args.suite}-{slug}-{env['timestamp'].replace(':', '')}.json")
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"benchmark": "loss_head", "suite": args.suite, "environment": env, "rows": rows}, handle, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
+    print(f"\nwrote {_write(args.out, 'loss_head', args.suite, env, rows)}")
+
+
+def _run_selection(args, device, env) -> None:
+    print("\nselection: top-k seeds vs torch.topk + scatter; input_jacobians strategies (auto warmed up)", flush=True)
+
+    def progress(row):
+        if row["op"] == "topk_seeds":
+            print(f"  topk_seeds B={row['batch']:<5d} C={row['classes']:<6d} K={row['k']:<3d} {row['provider']:20s} "
+                  f"{row['median_ms']:9.4f} ms  x naive {row['speedup_vs_naive']:5.2f}", flush=True)
+        elif row["median_ms"] is None:
+            print(f"  input_jacobians K={row['k']:<3d} create_graph={row['create_graph']!s:5s} {row['strategy']:9s} "
+                  f"raises: {row['error']}", flush=True)
+        else:
+            first = f"  (first call {row['auto_first_call_ms']:.1f} ms, picks {row['auto_choice']})" \
+                if row["strategy"] == "auto" else ""
+            print(f"  input_jacobians K={row['k']:<3d} create_graph={row['create_graph']!s:5s} {row['strategy']:9s} "
+                  f"{row['median_ms']:9.3f} ms  / best fixed {row['vs_best_fixed']:5.3f} "
+                  f"(paired {row['vs_best_fixed_paired']:5.3f}){first}", flush=True)
+
+    rows = selection.run(args.suite, device, progress=progress)
+    print("\n" + selection.topk_table(rows) + "\n\n" + selection.strategy_table(rows))
+    print(f"\nwrote {_write(args.out, 'selection', args.suite, env, rows)}")
+
+
+def _run_training_step(args, device, env) -> None:
+    print("\ntraining_step: distillation step (teacher 4x wider) vs the naive per-class loop and a KD step", flush=True)
+
+    def progress(row):
+        mb = "    n/a" if row["peak_mb"] is None else f"{row['peak_mb']:7.1f}"
+        print(f"  K={row['k']:<3d} {row['provider']:14s} {row['median_ms']:9.1f} ms  x naive "
+              f"{row['speedup_vs_naive']:5.2f} (paired {row['speedup_vs_naive_paired']:5.2f})  "
+              f"x floor {row['vs_floor']:5.2f}  peak {mb} MB", flush=True)
+
+    rows = training_step.run(args.suite, device, progress=progress)
+    print("\n" + training_step.table(rows))
+    print(f"\nwrote {_write(args.out, 'training_step', args.suite, env, rows)}")
+
+
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    only = args.only or BENCHMARKS
+    env = environment(device)
+    print(f"jacfast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
+    runners = {"loss_head": _run_loss_head, "selection": _run_selection, "training_step": _run_training_step}
+    for name in BENCHMARKS:
+        if name in only:
+            runners[name](args, device, environment(device))  # each file: when its own benchmark started
     return 0

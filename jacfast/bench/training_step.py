@@ -1,0 +1,226 @@
+"""Benchmark of one end-to-end step of Jacobian-matching distillation (issues 3 and 5).
+
+Teacher: :func:`jacfast.bench.selection.small_cnn` 4x wider than the student, eval mode,
+parameters frozen; student in train mode (BatchNorm batch statistics); inputs 3x32x32,
+B = 64, 10 classes; K = the teacher's top-K outputs; SGD with momentum. Loss:
+CE + KD (T = 4, T^2 factor) + beta * normalized Jacobian matching (beta = 1). Providers,
+each with its own copy of the same initial student and optimizer, timed round-robin:
+
+- ``kd-floor``: the plain KD step (CE + KD, teacher under no_grad): the floor.
+- ``naive-loop``: what public code writes: teacher and student forwards on an x that
+  requires grad, then per selected class one ``autograd.grad`` for the teacher (with
+  ``create_graph=True``, its double-backward graph built for nothing, rows detached
+  afterwards) and one for the student (``create_graph=True``), the eager reference loss
+  (``jacfast.reference.jacobian_matching_loss``), KD and CE.
+- ``jacfast-exact``: ``DistillationLoss(estimator="exact", strategy="auto")``.
+- ``jacfast-fd``: ``DistillationLoss(estimator="finite_difference", strategy="auto")``.
+- ``jacfast-cache``: the exact estimator with the teacher's logits, indices and rows read
+  from a :class:`jacfast.TeacherCache` built once beforehand over the rotated batches (a
+  small fixed data set); its build time is reported as ``cache_build_ms``, not in the step.
+
+Peak memory (``peak_mb``) is what one warm step allocates above what is already allocated
+when it starts (parameters, inputs, momentum buffers): ``torch.cuda.max_memory_allocated``
+on a GPU; on a CPU the allocations and frees of the torch CPU allocator recorded by
+``torch.profiler`` (``profile_memory=True``) over one step, replayed in time order. The
+teacher cache's batch is read into numpy-owned memory the CPU allocator never sees; its
+bytes are added, since they live for the whole step.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from jacfast import reference
+from jacfast.bench.selection import TIMING, _sync, _timing_fields, measure_interleaved, paired_ratio, small_cnn
+from jacfast.bench.timing import rotation_count
+from jacfast.jacobians import strategy_cache
+from jacfast.losses import DistillationLoss
+from jacfast.teacher_cache import TeacherCache
+
+SETUPS = {
+    "quick": {"batch": 64, "shape": (3, 32, 32), "width": 16, "ks": (1, 5), "classes": 10},
+    "full": {"batch": 64, "shape": (3, 32, 32), "width": 16, "ks": (1, 5), "classes": 10},
+    "smoke": {"batch": 4, "shape": (3, 8, 8), "width": 2, "ks": (2,), "classes": 10},
+}
+TEACHER_WIDTH = 4  # teacher width / student width
+PROVIDERS = ("kd-floor", "naive-loop", "jacfast-exact", "jacfast-fd", "jacfast-cache")
+BETA, TEMPERATURE, LR = 1.0, 4.0, 0.01
+
+
+def _kd(s_logits, t_logits, y):
+    """CE + KD with the T^2 factor (the same terms as DistillationLoss with unit weights)."""
+    T = TEMPERATURE
+    kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
+                  log_target=True) * (T * T)
+    return F.cross_entropy(s_logits, y) + kd
+
+
+def naive_loss(student, teacher, x, y, k):
+    """The per-class loop of public re-implementations (see the module docstring)."""
+    x = x.detach().requires_grad_(True)
+    t_logits, s_logits = teacher(x), student(x)
+    idx = t_logits.detach().topk(k, dim=1).indices
+    t_rows, s_rows = [], []
+    for j in range(k):
+        (t_row,) = torch.autograd.grad(t_logits.gather(1, idx[:, j:j + 1]).sum(), x, create_graph=True,
+                                       retain_graph=True)
+        (s_row,) = torch.autograd.grad(s_logits.gather(1, idx[:, j:j + 1]).sum(), x, create_graph=True,
+                                       retain_graph=True)
+        t_rows.append(t_row.detach())
+        s_rows.append(s_row)
+    jac = reference.jacobian_matching_loss(torch.stack(s_rows, 1), torch.stack(t_rows, 1), kind="normalized")
+    return _kd(s_logits, t_logits.detach(), y) + BETA * jac
+
+
+def _peak_bytes(fn, i, device) -> int:
+    """Bytes one call of ``fn(i)`` allocates above what is allocated when it starts."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(i)
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's "no GPU" error lines
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(i)
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as handle:
+            events = [e for e in json.load(handle)["traceEvents"] if e.get("name") == "[memory]"]
+    # Replay allocations and frees of the CPU allocator in time order; a free of a block
+    # allocated before the step (not seen here) does not lower the step's own usage.
+    live, current, peak = {}, 0, 0
+    for e in sorted(events, key=lambda e: e["ts"]):
+        args = e["args"]
+        if args.get("Device Type", 0) != 0:
+            continue
+        addr, nbytes = args["Addr"], args["Bytes"]
+        if nbytes > 0:
+            live[addr] = nbytes
+            current += nbytes
+            peak = max(peak, current)
+        elif addr in live:
+            current -= live.pop(addr)
+    return peak
+
+
+def _step_fn(name, student, teacher, data, k, cache=None):
+    """fn(i): one SGD step of provider ``name`` on rotated batch i; returns the loss value."""
+    xs, ys = data
+    sets = len(xs)
+    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
+    est = {"jacfast-exact": "exact", "jacfast-fd": "finite_difference", "jacfast-cache": "exact"}.get(name)
+    loss_fn = DistillationLoss(teacher, k=k, beta=BETA, temperature=TEMPERATURE, estimator=est, strategy="auto") \
+        if est else None
+    batch = xs[0].shape[0]
+    extra = {"bytes": 0}  # numpy-owned bytes of the cache lookup, for the memory figure
+
+    def step(i):
+        x, y = xs[i % sets], ys[i % sets]
+        if name == "kd-floor":
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = _kd(student(x), t_logits, y)
+        elif name == "naive-loop":
+            loss = naive_loss(student, teacher, x, y, k)
+        elif name == "jacfast-cache":
+            start = (i % sets) * batch
+            t = cache[torch.arange(start, start + batch)]  # what a loader over WithIndices gives
+            extra["bytes"] = sum(v.nbytes for v in t if v is not None) if x.device.type == "cpu" else 0
+            loss = loss_fn(student, x, y, teacher_outputs=t).total
+        else:
+            loss = loss_fn(student, x, y).total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step, extra
+
+
+def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | None = None) -> list[dict]:
+    setup, timing = SETUPS[suite], TIMING[suite]
+    batch, shape, width, classes = setup["batch"], tuple(setup["shape"]), setup["width"], setup["classes"]
+    rows_out = []
+    for k in setup["ks"]:
+        torch.manual_seed(0)
+        teacher = small_cnn(TEACHER_WIDTH * width, classes, shape[0]).to(device).eval().requires_grad_(False)
+        base_student = small_cnn(width, classes, shape[0]).to(device).train()
+        sets = rotation_count(batch * int(torch.Size(shape).numel()) * 4, device)
+        xs = [torch.randn(batch, *shape, device=device) for _ in range(sets)]
+        ys = [torch.randint(0, classes, (batch,), device=device) for _ in range(sets)]
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp, warnings.catch_warnings():
+            # Timing only: the kink warning of the finite-difference estimator is about accuracy.
+            warnings.filterwarnings("ignore", message="estimator='finite_difference' on a network")
+            t0 = time.perf_counter()
+            cache = TeacherCache.build(os.path.join(tmp, "teacher.cache"), teacher, (torch.cat(xs).cpu(),
+                                       torch.cat(ys).cpu()), select="topk", k=k, batch_size=batch, device=device,
+                                       progress=False)
+            cache_build = time.perf_counter() - t0
+            students = {name: copy.deepcopy(base_student) for name in PROVIDERS}
+            steps, extras, first = {}, {}, {}
+            for name in PROVIDERS:
+                steps[name], extras[name] = _step_fn(name, students[name], teacher, (xs, ys), k, cache)
+                _sync(device)
+                t0 = time.perf_counter()
+                # Every provider's first step sees the same weights and batch: the losses must agree.
+                first[name] = (float(steps[name](0)), time.perf_counter() - t0)
+            raw: dict = {}
+            timings = measure_interleaved(steps, device, raw=raw, **{**timing, "warmup": max(0, timing["warmup"] - 1)})
+            peaks = {}
+            for name in PROVIDERS:  # after timing: every one-off cost (auto's trials) is behind
+                try:
+                    peaks[name] = _peak_bytes(steps[name], 1, device) + extras[name]["bytes"]
+                except Exception as exc:  # noqa: BLE001  (no memory figure rather than no timing)
+                    warnings.warn(f"peak memory of {name} not measured: {exc}")
+                    peaks[name] = None
+            chosen = {role: sorted({c.strategy for c in strategy_cache.choices(m).values()})
+                      for role, m in (("teacher", teacher), ("student", students["jacfast-exact"]))}
+            del cache
+        naive, floor = timings["naive-loop"].median, timings["kd-floor"].median
+        naive_loss_value, naive_peak = first["naive-loop"][0], peaks["naive-loop"]
+        strategies = f"teacher={','.join(chosen['teacher']) or '-'} student={','.join(chosen['student']) or '-'}"
+        for name in PROVIDERS:
+            t, peak = timings[name], peaks[name]
+            row = {"op": "training_step", "batch": batch, "input": "x".join(map(str, shape)), "student_width": width,
+                   "teacher_width": TEACHER_WIDTH * width, "k": k, "provider": name, **_timing_fields(t),
+                   "speedup_vs_naive": naive / t.median,
+                   "speedup_vs_naive_paired": paired_ratio(raw, "naive-loop", name),
+                   "vs_floor": t.median / floor,
+                   "peak_mb": None if peak is None else peak / 2**20,
+                   "memory_vs_naive": None if peak is None or not naive_peak else peak / naive_peak,
+                   "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else
+                   "torch.profiler CPU allocator events",
+                   "first_step_ms": first[name][1] * 1e3, "first_loss": first[name][0],
+                   "loss_rel_diff_vs_naive": (None if name == "kd-floor" else
+                                              abs(first[name][0] - naive_loss_value) / abs(naive_loss_value)),
+                   "auto_strategies": strategies if name == "jacfast-exact" else None,
+                   "cache_build_ms": cache_build * 1e3 if name == "jacfast-cache" else None}
+            rows_out.append(row)
+            if progress is not None:
+                progress(row)
+    return rows_out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| B | input | K | provider | median ms | p20-p80 ms | x naive loop | same, paired by round | x KD floor "
+             "| peak MB | memory / naive |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mb = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+        mem = "" if r["memory_vs_naive"] is None else f"{r['memory_vs_naive']:.2f}"
+        paired = "" if r.get("speedup_vs_naive_paired") is None else f"{r['speedup_vs_naive_paired']:.2f}"
+        lines.append(f"| {r['batch']} | {r['input']} | {r['k']} | {r['provider']} | {r['median_ms']:.1f} | "
+                     f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {r['speedup_vs_naive']:.2f} | {paired} | "
+                     f"{r['vs_floor']:.2f} | {mb} | {mem} |")
+    return "\n".join(lines)
