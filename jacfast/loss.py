@@ -163,9 +163,11 @@ def jacobian_matching_loss(
             student_jac, teacher_jac, kind=kind, reduction=reduction, eps=eps, has_k=call.has_k
         )
     red, scale = _reduction_args(reduction, call)
-    loss, _ = ops.jacobian_matching_fwd(
-        _as_rows(student_jac, call), _as_rows(teacher_jac, call), ops.KINDS[kind], red, float(eps), scale, call.backend
-    )
+    args = (_as_rows(student_jac, call), _as_rows(teacher_jac, call), ops.KINDS[kind], red, float(eps), scale, call.backend)
+    if torch.compiler.is_compiling():  # graphs see the registered op
+        loss, _ = ops.jacobian_matching_fwd(*args)
+    else:  # eager: the same kernels without custom-op dispatch (see JacobianMatchingFunction)
+        loss = ops.JacobianMatchingFunction.apply(*args)
     return _shape_loss(loss, reduction, call)
 
 

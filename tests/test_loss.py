@@ -38,13 +38,14 @@ def gradient_term_scale(x, kind, reduction, eps):
     return scale / x.shape[0] if reduction == "mean" else scale
 
 
-def loss_and_grads(backend, student, teacher, kind, reduction, grad_out=None, eps=1e-12):
-    """Loss and the gradients wrt student and teacher (both require grad) of <loss, grad_out>."""
+def loss_and_grads(backend, student, teacher, kind, reduction, grad_out=None, eps=1e-12, teacher_grad=True):
+    """Loss and the gradients of <loss, grad_out> wrt student and (if teacher_grad) teacher."""
     student = student.detach().clone().requires_grad_(True)
     inputs = [student]
     if teacher is not None:
-        teacher = teacher.detach().clone().requires_grad_(True)
-        inputs.append(teacher)
+        teacher = teacher.detach().clone().requires_grad_(teacher_grad)
+        if teacher_grad:
+            inputs.append(teacher)
     if backend == "oracle":
         loss = reference.jacobian_matching_loss(student, teacher, kind=kind, reduction=reduction, eps=eps, has_k=student.ndim >= 3)
     else:
@@ -62,21 +63,24 @@ def make_pair(shape, dtype, device, kind, seed=None):
     return student, teacher
 
 
-def assert_matches_oracle(backend, student, teacher, kind, reduction, eps=1e-12):
-    """Loss and gradients of ``backend`` against the float64 oracle at the dtype's tolerance."""
+def assert_matches_oracle(backend, student, teacher, kind, reduction, eps=1e-12, *, unit_grad=False, teacher_grad=True):
+    """Loss and gradients of ``backend`` against the float64 oracle at the dtype's tolerance.
+
+    The upstream gradient is random (or all ones with ``unit_grad``); the teacher requires
+    grad unless ``teacher_grad=False`` (the training case, which the CPU backend fuses).
+    """
     dtype = student.dtype
-    ref_loss, _ = loss_and_grads("oracle", student.double(), None if teacher is None else teacher.double(), kind, reduction, eps=eps)
-    grad_out = torch.rand_like(ref_loss) + 0.5  # a non-trivial upstream gradient for "none"
-    ref_loss, ref_grads = loss_and_grads(
-        "oracle", student.double(), None if teacher is None else teacher.double(), kind, reduction, grad_out, eps
-    )
-    loss, grads = loss_and_grads(backend, student, teacher, kind, reduction, grad_out, eps)
+    teacher64 = None if teacher is None else teacher.double()
+    ref_loss, _ = loss_and_grads("oracle", student.double(), teacher64, kind, reduction, eps=eps)
+    grad_out = torch.ones_like(ref_loss) if unit_grad else torch.rand_like(ref_loss) + 0.5
+    ref_loss, ref_grads = loss_and_grads("oracle", student.double(), teacher64, kind, reduction, grad_out, eps, teacher_grad)
+    loss, grads = loss_and_grads(backend, student, teacher, kind, reduction, grad_out, eps, teacher_grad)
     assert loss.dtype == dtype and loss.shape == ref_loss.shape
     assert all(g.dtype == dtype and g.shape == student.shape for g in grads)
     if dtype in FP_TOL:
         tols = [FP_TOL[dtype]] * (1 + len(grads))
     else:  # half precision: as accurate as the same-dtype PyTorch computation, both against float64
-        same_loss, same_grads = loss_and_grads("oracle", student, teacher, kind, reduction, grad_out, eps)
+        same_loss, same_grads = loss_and_grads("oracle", student, teacher, kind, reduction, grad_out, eps, teacher_grad)
         slack = torch.finfo(dtype).eps
         floors = [gradient_term_scale(x, kind, reduction, eps) for x in (student, teacher) if x is not None]
         tols = [rel_err(same_loss, ref_loss) + slack] + [
@@ -96,6 +100,41 @@ def test_backend_matches_oracle(backend, device, dtype, shape, kind):
     student, teacher = make_pair(shape, dtype, device, kind)
     for reduction in REDUCTIONS:
         assert_matches_oracle(backend, student, teacher, kind, reduction)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_student_only_gradient(backend, device, dtype, kind):
+    """The training case: only the student requires grad, upstream gradient 1 or not."""
+    student, teacher = make_pair((5, 3, 67), dtype, device, kind)
+    for reduction in REDUCTIONS:
+        for unit_grad in (True, False):
+            assert_matches_oracle(backend, student, teacher, kind, reduction, unit_grad=unit_grad, teacher_grad=False)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_backward_twice_with_retained_graph(backend, device):
+    """A second backward sees the same gradient: the first one must not consume saved state."""
+    student, teacher = make_pair((4, 2, 33), torch.float64, device, "normalized")
+    student.requires_grad_(True)
+    loss = jacfast.jacobian_matching_loss(student, teacher, backend=backend)
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()
+    (again,) = torch.autograd.grad(loss, student, retain_graph=True)
+    loss.backward()
+    assert torch.equal(again, first)
+    assert torch.equal(student.grad, 2 * first)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_differentiating_the_backward_raises(backend, device):
+    """The kernels' backward is first order: asking for more raises instead of returning zeros."""
+    student, teacher = make_pair((3, 2, 9), torch.float64, device, "normalized")
+    student.requires_grad_(True)
+    loss = jacfast.jacobian_matching_loss(student, teacher, backend=backend)
+    with pytest.raises(RuntimeError, match="first-order gradients .* backend='torch'"):
+        torch.autograd.grad(loss, student, create_graph=True)
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
