@@ -11,8 +11,9 @@
 // * One task per block of rows (at::parallel_for); a row is read once and its k seed rows
 //   (zeros and one 1) are written by the same thread right after, so each output row is
 //   written exactly once and first-touched by the thread that owns it.
-// * Small k (the common case, K <= 16): a sorted buffer of k candidates; an element that
-//   does not beat the current k-th is rejected with one comparison, so a row costs ~C.
+// * Small k (the common case, K <= 16): a sorted buffer of k candidates; blocks of elements
+//   none of which beats the current k-th are rejected with one vectorized test, so a row
+//   costs ~C/8 comparisons' time once the buffer holds large values.
 //   Large k: nth_element + sort on an index array, O(C + k log k).
 // * Values are compared in their opmath type (float for half/bf16, exact conversion).
 #include <ATen/ATen.h>
@@ -33,6 +34,7 @@ namespace {
 
 constexpr int64_t kInsertMaxK = 16;      // up to this k, the sorted-buffer selection
 constexpr int64_t kGrainElems = 1 << 15;  // logits elements per parallel task, at least
+constexpr int64_t kScanBlock = 16;        // logits tested at once against the k-th candidate
 
 // True when (va, ia) ranks strictly before (vb, ib).
 template <typename acc_t>
@@ -62,11 +64,9 @@ void topk_rows(const scalar_t* logits, int64_t batch, int64_t classes, int64_t k
       const scalar_t* row = logits + b * classes;
       int64_t* out_i = indices + b * k;
       if (k <= kInsertMaxK) {
+        // Insert row[c] (c: the largest index seen so far, so it sits after every equal value).
         int64_t n = 0;  // candidates held, sorted best first
-        for (int64_t c = 0; c < classes; ++c) {
-          const acc_t v = static_cast<acc_t>(row[c]);
-          if (n == k && !ranks_before(v, c, best_v[k - 1], best_i[k - 1])) continue;
-          // c is the largest index seen so far, so it sits after every equal value.
+        auto insert = [&](acc_t v, int64_t c) {
           int64_t j = (n < k) ? n++ : k - 1;
           while (j > 0 && ranks_before(v, c, best_v[j - 1], best_i[j - 1])) {
             best_v[j] = best_v[j - 1];
@@ -75,6 +75,27 @@ void topk_rows(const scalar_t* logits, int64_t batch, int64_t classes, int64_t k
           }
           best_v[j] = v;
           best_i[j] = c;
+        };
+        int64_t c = 0;
+        for (; c < k; ++c) insert(static_cast<acc_t>(row[c]), c);
+        // Later values enter only if they beat the k-th: !(v <= kth) is v > kth or v NaN
+        // (a tie loses on index). Nothing beats a NaN k-th. Whole blocks of losers are
+        // skipped with one vectorizable test.
+        acc_t kth = best_v[k - 1];
+        while (c < classes && !std::isnan(kth)) {
+          for (; c + kScanBlock <= classes; c += kScanBlock) {
+            int beats = 0;
+            for (int64_t i = 0; i < kScanBlock; ++i) beats |= !(static_cast<acc_t>(row[c + i]) <= kth);
+            if (beats) break;
+          }
+          const int64_t end = std::min(c + kScanBlock, classes);
+          for (; c < end && !std::isnan(kth); ++c) {
+            const acc_t v = static_cast<acc_t>(row[c]);
+            if (!(v <= kth)) {
+              insert(v, c);
+              kth = best_v[k - 1];
+            }
+          }
         }
         std::copy(best_i.begin(), best_i.begin() + k, out_i);
       } else {
