@@ -4,6 +4,10 @@ re-implementation, and the memory-pass floor, all measured in one run.
 Bytes that fwd+bwd must move (teacher without grad): the forward reads s and t, the
 backward reads s and t and writes grad_s: 5 * R * D * itemsize. The floor is that
 traffic at the bandwidth of a plain copy measured in the same run.
+
+Peak memory (``peak_mb``) is what one call of the timed mode allocates above what is
+allocated when it starts (:func:`jacfast.bench.timing.peak_bytes`); the inputs are not
+counted, the gradient is.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 
 from jacfast import loss as jloss
 from jacfast import reference, registry
-from jacfast.bench.timing import measure, rotation_count
+from jacfast.bench.timing import measure, peak_bytes, rotation_count
 
 SIZES = {
     "quick": [(256, 3072), (16, 3 * 224 * 224)],
@@ -84,9 +88,10 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                 errors = _errors(funcs, pairs[0], kind)
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
-                    timings = {name: _time(fn, pairs, mode, device) for name, fn in funcs.items()}
+                    measured = {name: _time(fn, pairs, mode, device) for name, fn in funcs.items()}
+                    timings = {name: timing for name, (timing, _) in measured.items()}
                     others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
-                    for name, timing in timings.items():
+                    for name, (timing, peak) in measured.items():
                         row = {
                             "op": "loss_head", "kind": kind, "dtype": dtype_name, "mode": mode, "rows": rows, "dim": dim,
                             "provider": name, **{f"{k}_ms": v * 1e3 for k, v in timing.as_dict().items() if k != "repeats"},
@@ -96,7 +101,7 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                             "speedup_vs_eager": timings["eager"].median / timing.median,
                             "speedup_vs_compile": timings["compile"].median / timing.median,
                             "speedup_vs_best_other": min(others) / timing.median,
-                            "max_rel_err": errors.get(name),
+                            "max_rel_err": errors.get(name), "peak_mb": peak / 2**20,
                         }
                         rows_out.append(row)
                         if progress is not None:
@@ -105,21 +110,24 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
 
 
 def _time(fn, pairs, mode, device):
+    """(Timing, peak bytes of one call) of ``mode`` for the loss function ``fn``."""
     sets = len(pairs)
     leaves = [(s.clone().requires_grad_(True), t) for s, t in pairs]
     if mode == "fwd":
         def call(i):
             with torch.no_grad():
                 return fn(*pairs[i % sets])
-        return measure(call, device)
-    if mode == "bwd":
+    elif mode == "bwd":
         losses = [fn(s, t) for s, t in leaves]
-        return measure(lambda i: torch.autograd.grad(losses[i % sets], leaves[i % sets][0], retain_graph=True), device)
 
-    def fwd_bwd(i):
-        s, t = leaves[i % sets]
-        return torch.autograd.grad(fn(s, t), s)
-    return measure(fwd_bwd, device)
+        def call(i):
+            return torch.autograd.grad(losses[i % sets], leaves[i % sets][0], retain_graph=True)
+    else:
+        def call(i):
+            s, t = leaves[i % sets]
+            return torch.autograd.grad(fn(s, t), s)
+    timing = measure(call, device)
+    return timing, peak_bytes(call, 0, device)
 
 
 def _errors(funcs, pair, kind) -> dict:

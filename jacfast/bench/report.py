@@ -33,13 +33,19 @@ def latest_per_device(results: list[dict], benchmark: str, suites=("full", "quic
 
 
 def loss_head_table(result: dict) -> str:
-    rows = [r for r in result["rows"] if r["mode"] == "fwd+bwd" and r["provider"].startswith("jacfast-")]
-    lines = ["| kind | dtype | R | D | backend | fwd+bwd ms | GB/s | x copy-floor time | x eager | x torch.compile | x best non-jacfast |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [r for r in result["rows"] if r["mode"] == "fwd+bwd"]
+    eager_peak = {(r["kind"], r["dtype"], r["rows"], r["dim"]): r.get("peak_mb") for r in rows if r["provider"] == "eager"}
+    lines = ["| kind | dtype | R | D | backend | fwd+bwd ms | GB/s | x copy-floor time | x eager | x torch.compile "
+             "| x best non-jacfast | peak MB (eager) |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if not r["provider"].startswith("jacfast-"):
+            continue
+        peak, ref = r.get("peak_mb"), eager_peak.get((r["kind"], r["dtype"], r["rows"], r["dim"]))
+        memory = "" if peak is None else f"{peak:.1f}" + ("" if ref is None else f" ({ref:.1f})")
         lines.append(f"| {r['kind']} | {r['dtype']} | {r['rows']} | {r['dim']} | {r['provider'][8:]} | {r['median_ms']:.3f} | "
                      f"{r['gbps']:.1f} | {r['vs_floor']:.2f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compile']:.2f} | "
-                     f"{r['speedup_vs_best_other']:.2f} |")
+                     f"{r['speedup_vs_best_other']:.2f} | {memory} |")
     return "\n".join(lines)
 
 
@@ -102,7 +108,7 @@ def update_readme(readme: str, folder: str) -> None:
 
 def plot(folder: str, out_dir: str | None = None) -> list[str]:
     """Speedup-vs-size PNGs (one per device, kind and dtype) from the newest loss-head results,
-    and a peak-memory bar chart per device from the newest training-step results."""
+    and peak-memory bar charts per device from the newest loss-head and training-step results."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,37 +136,45 @@ def plot(folder: str, out_dir: str | None = None) -> list[str]:
             ax.set_title(f"{kind} loss, {dtype}, {device}", fontsize=9)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            slug = re.sub(r"[^a-z0-9]+", "-", f"{device}-{kind}-{dtype}".lower()).strip("-")
-            path = os.path.join(out_dir, f"loss_head-{slug}.png")
+            path = os.path.join(out_dir, f"loss_head-{_slug(f'{device}-{kind}-{dtype}')}.png")
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+    for device, result in latest_per_device(load_results(folder), "loss_head").items():
+        rows = [r for r in result["rows"] if r["mode"] == "fwd+bwd" and r["kind"] == "normalized"
+                and r["dtype"] == "float32" and r.get("peak_mb") is not None]
+        written += _memory_bars(plt, rows, lambda r: f"{r['rows']}x{r['dim']}", "peak MB above the inputs (fwd+bwd)",
+                                f"normalized loss head, float32, {device}", os.path.join(out_dir, f"loss_head-memory-{_slug(device)}.png"))
     for device, result in latest_per_device(load_results(folder), "training_step").items():
-        written += _memory_bars(plt, device, result, out_dir)
+        rows = [r for r in result["rows"] if r.get("peak_mb") is not None]
+        title = f"distillation step, B = {rows[0]['batch']}, {rows[0]['input']}, {device}" if rows else ""
+        written += _memory_bars(plt, rows, lambda r: f"K = {r['k']}", "peak MB above the step's start", title,
+                                os.path.join(out_dir, f"training_step-memory-{_slug(device)}.png"))
     return written
 
 
-def _memory_bars(plt, device: str, result: dict, out_dir: str) -> list[str]:
-    """Peak memory of one training step per provider, one bar group per K."""
-    rows = [r for r in result["rows"] if r.get("peak_mb") is not None]
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _memory_bars(plt, rows: list[dict], group, ylabel: str, title: str, path: str) -> list[str]:
+    """Peak memory per provider (x axis), one bar per group (``group(row)`` names it)."""
     if not rows:
         return []
-    ks = sorted({r["k"] for r in rows})
-    providers = list(dict.fromkeys(r["provider"] for r in rows))  # the run's order: floor, naive, jacfast...
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))  # the run's order
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(ks)
-    for j, k in enumerate(ks):
-        by = {r["provider"]: r["peak_mb"] for r in rows if r["k"] == k}
-        xs = [i + (j - (len(ks) - 1) / 2) * width for i in range(len(providers))]
-        bars = ax.bar(xs, [by.get(p, float("nan")) for p in providers], width, label=f"K = {k}")
+    width = 0.8 / len(groups)
+    for j, name in enumerate(groups):
+        by = {r["provider"]: r["peak_mb"] for r in rows if group(r) == name}
+        xs = [i + (j - (len(groups) - 1) / 2) * width for i in range(len(providers))]
+        bars = ax.bar(xs, [by.get(p, float("nan")) for p in providers], width, label=name)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(providers)), providers, fontsize=8)
-    ax.set_ylabel("peak MB above the step's start")
-    ax.set_title(f"distillation step, B = {rows[0]['batch']}, {rows[0]['input']}, {device}", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = os.path.join(out_dir, f"training_step-memory-{slug}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]

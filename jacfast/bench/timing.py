@@ -1,10 +1,12 @@
 """Timing primitives: warm-up, repeats, medians and percentiles, CPU or CUDA clocks."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -60,6 +62,45 @@ def measure(fn: Callable[[int], object], device: torch.device, *, min_time: floa
         i += 1
     samples.sort()
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
+
+
+def peak_bytes(fn: Callable[[int], object], i: int, device: torch.device) -> int:
+    """Bytes one call of ``fn(i)`` allocates above what is allocated when it starts.
+
+    CUDA: ``max_memory_allocated``. CPU: the allocations and frees of torch's CPU allocator
+    recorded by ``torch.profiler`` (``profile_memory=True``), replayed in time order.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(i)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's "no GPU" error lines
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(i)
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as handle:
+            events = [e for e in json.load(handle)["traceEvents"] if e.get("name") == "[memory]"]
+    # A free of a block allocated before the call (not seen here) does not lower its own usage.
+    live, current, peak = {}, 0, 0
+    for e in sorted(events, key=lambda e: e["ts"]):
+        args = e["args"]
+        if args.get("Device Type", 0) != 0:
+            continue
+        addr, nbytes = args["Addr"], args["Bytes"]
+        if nbytes > 0:
+            live[addr] = nbytes
+            current += nbytes
+            peak = max(peak, current)
+        elif addr in live:
+            current -= live.pop(addr)
+    return peak
 
 
 def rotation_count(bytes_per_set: int, device: torch.device) -> int:

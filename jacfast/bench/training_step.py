@@ -28,7 +28,6 @@ bytes are added, since they live for the whole step.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 import time
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 from jacfast import reference
 from jacfast.bench.selection import TIMING, _sync, _timing_fields, measure_interleaved, paired_ratio, small_cnn
-from jacfast.bench.timing import rotation_count
+from jacfast.bench.timing import peak_bytes, rotation_count
 from jacfast.jacobians import strategy_cache
 from jacfast.losses import DistillationLoss
 from jacfast.teacher_cache import TeacherCache
@@ -77,42 +76,6 @@ def naive_loss(student, teacher, x, y, k):
         s_rows.append(s_row)
     jac = reference.jacobian_matching_loss(torch.stack(s_rows, 1), torch.stack(t_rows, 1), kind="normalized")
     return _kd(s_logits, t_logits.detach(), y) + BETA * jac
-
-
-def _peak_bytes(fn, i, device) -> int:
-    """Bytes one call of ``fn(i)`` allocates above what is allocated when it starts."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn(i)
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's "no GPU" error lines
-    from torch.profiler import ProfilerActivity, profile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn(i)
-        trace = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(trace)
-        with open(trace) as handle:
-            events = [e for e in json.load(handle)["traceEvents"] if e.get("name") == "[memory]"]
-    # Replay allocations and frees of the CPU allocator in time order; a free of a block
-    # allocated before the step (not seen here) does not lower the step's own usage.
-    live, current, peak = {}, 0, 0
-    for e in sorted(events, key=lambda e: e["ts"]):
-        args = e["args"]
-        if args.get("Device Type", 0) != 0:
-            continue
-        addr, nbytes = args["Addr"], args["Bytes"]
-        if nbytes > 0:
-            live[addr] = nbytes
-            current += nbytes
-            peak = max(peak, current)
-        elif addr in live:
-            current -= live.pop(addr)
-    return peak
 
 
 def _step_fn(name, student, teacher, data, k, cache=None):
@@ -180,7 +143,7 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
             peaks = {}
             for name in PROVIDERS:  # after timing: every one-off cost (auto's trials) is behind
                 try:
-                    peaks[name] = _peak_bytes(steps[name], 1, device) + extras[name]["bytes"]
+                    peaks[name] = peak_bytes(steps[name], 1, device) + extras[name]["bytes"]
                 except Exception as exc:  # noqa: BLE001  (no memory figure rather than no timing)
                     warnings.warn(f"peak memory of {name} not measured: {exc}")
                     peaks[name] = None

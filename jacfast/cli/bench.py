@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--kinds", nargs="+", default=None, choices=("normalized", "squared", "norm"),
                         help="loss kinds (quick: normalized; full: all three)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=tuple(loss_head.DTYPES),
-                        help="input dtypes (quick: float32; full: float32 bfloat16, plus float16 on cuda)")
+                        help="input dtypes (quick: float32; full: float32 bfloat16 float16)")
     parser.add_argument("--modes", nargs="+", default=None, choices=tuple(loss_head.PASSES),
                         help="what to time (quick: fwd+bwd; full: fwd bwd fwd+bwd)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON results (default {DEFAULT_OUT})")
@@ -39,14 +39,14 @@ def register(subparsers) -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| kind | dtype | mode | R | D | provider | median ms | GB/s | x floor | x eager | x compile | rel err |\n"
-            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| kind | dtype | mode | R | D | provider | median ms | GB/s | x floor | x eager | x compile | peak MB | rel err |\n"
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         lines.append(f"| {r['kind']} | {r['dtype']} | {r['mode']} | {r['rows']} | {r['dim']} | {r['provider']} | "
                      f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {r['vs_floor']:.2f} | {r['speedup_vs_eager']:.2f} | "
-                     f"{r['speedup_vs_compile']:.2f} | {err} |")
+                     f"{r['speedup_vs_compile']:.2f} | {r['peak_mb']:.1f} | {err} |")
     return "\n".join(lines)
 
 
@@ -64,14 +64,15 @@ def _run_loss_head(args, device, env) -> None:
     full = args.suite == "full"
     sizes = loss_head.SIZES["full-cuda" if full and device.type == "cuda" else args.suite]
     kinds = args.kinds or (["normalized", "squared", "norm"] if full else ["normalized"])
-    dtypes = args.dtypes or ((["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])) if full else ["float32"])
+    dtypes = args.dtypes or (["float32", "bfloat16", "float16"] if full else ["float32"])
     modes = args.modes or (["fwd", "bwd", "fwd+bwd"] if full else ["fwd+bwd"])
     print(f"  the floor is the traffic of each mode at the copy bandwidth measured in this run\n", flush=True)
 
     def progress(row):
         print(f"  {row['kind']:10s} {row['dtype']:8s} {row['mode']:7s} R={row['rows']:<5d} D={row['dim']:<7d} "
               f"{row['provider']:15s} {row['median_ms']:9.3f} ms  {row['gbps']:7.1f} GB/s  "
-              f"x eager {row['speedup_vs_eager']:6.2f}  x compile {row['speedup_vs_compile']:5.2f}", flush=True)
+              f"x eager {row['speedup_vs_eager']:6.2f}  x compile {row['speedup_vs_compile']:5.2f}  "
+              f"peak {row['peak_mb']:7.1f} MB", flush=True)
 
     rows = loss_head.run(sizes, device, kinds=kinds, dtypes=dtypes, modes=modes, progress=progress)
     print("\n" + _table(rows))
