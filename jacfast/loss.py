@@ -58,12 +58,6 @@ class _Call:
         return self.batch * self.outputs
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    # Constant for a given (backend, device type): lets torch.compile skip the registry lookup.
-    return registry.resolve(backend, torch.device(device_type))
-
-
 def _check_tensor(name: str, value) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -112,7 +106,7 @@ def _validate(student_jac, teacher_jac, kind, reduction, eps, backend, outputs_d
         raise ValueError("reduction='mean' over an empty batch (B = 0) is undefined; use 'sum' or 'none'")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    resolved = _resolve(backend, student_jac.device.type)
+    resolved = registry.resolve_in_graph(backend, student_jac.device.type)
     return _Call(batch, outputs, row_len, outputs_dim, resolved)
 
 

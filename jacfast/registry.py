@@ -109,6 +109,13 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+@torch.compiler.assume_constant_result
+def resolve_in_graph(backend: str, device_type: str) -> str:
+    """:func:`resolve` by device type, for code that torch.compile traces: the result is
+    constant per (backend, device type), so graphs hold the name instead of the lookup."""
+    return resolve(backend, torch.device(device_type))
+
+
 def kernels(backend: str, op: str):
     """The kernel namespace of ``backend`` for ``op`` ("jacobian_matching" or "topk_seeds").
 
