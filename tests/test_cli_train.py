@@ -49,6 +49,30 @@ def test_distill_tiny(tmp_path, data_dirs):
     assert (out / "runs" / "kd_n1_s0" / "result.json").stat().st_mtime_ns == mtime
 
 
+def test_each_distill_method_builds_its_own_loss():
+    """Method names map to distinct losses (a prefix match once ran kd+jac-sq for kd+jac-sq-noise)."""
+    from types import SimpleNamespace
+
+    from jacfast.cli.train import DISTILL_METHODS, NoisySquaredDistillation, _distill_loss
+
+    args = SimpleNamespace(beta_norm=1.0, beta_sq=0.1, noise_sigma=0.1)
+    teacher = torch.nn.Linear(4, 3)
+    expected = {  # (kd weight, beta, kind, estimator)
+        "ce": (0.0, 0.0, "normalized", "exact"), "kd": (1.0, 0.0, "normalized", "exact"),
+        "kd+jac-norm": (1.0, 1.0, "normalized", "exact"), "kd+jac-norm-fd": (1.0, 1.0, "normalized", "finite_difference"),
+        "kd+jac-sq": (1.0, 0.1, "squared", "exact"), "kd+jac-sq-fd": (1.0, 0.1, "squared", "finite_difference"),
+        "kd+jac-sq-noise": (1.0, 0.1, "squared", "noise"),
+    }
+    assert set(expected) | {"kd+noise"} == set(DISTILL_METHODS)
+    for method, (kd_weight, beta, kind, estimator) in expected.items():
+        loss = _distill_loss(method, teacher, args)
+        assert (loss.kd_weight, loss.beta, loss.kind, loss.estimator) == (kd_weight, beta, kind, estimator), method
+    noisy = _distill_loss("kd+noise", teacher, args)
+    assert isinstance(noisy, NoisySquaredDistillation) and noisy.weight == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="unknown distillation method"):
+        _distill_loss("kd+jac", teacher, args)
+
+
 def test_robustness_tiny(tmp_path, data_dirs):
     fashion, _ = data_dirs
     out = tmp_path / "rob"

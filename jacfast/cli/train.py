@@ -309,20 +309,23 @@ class NoisySquaredDistillation(torch.nn.Module):
 
 
 def _distill_loss(method: str, teacher, args):
+    """The loss of one (a) method; every name in DISTILL_METHODS is matched exactly."""
     from jacfast.losses import DistillationLoss
 
-    fd = "finite_difference" if method.endswith("-fd") else "exact"
     if method == "ce":
         return DistillationLoss(teacher, kd_weight=0.0, beta=0.0)
     if method == "kd":
         return DistillationLoss(teacher, beta=0.0)
-    if method.startswith("kd+jac-norm"):
-        return DistillationLoss(teacher, beta=args.beta_norm, kind="normalized", estimator=fd)
-    if method.startswith("kd+jac-sq"):
-        return DistillationLoss(teacher, beta=args.beta_sq, kind="squared", estimator=fd)
+    if method in ("kd+jac-norm", "kd+jac-norm-fd", "kd+jac-sq", "kd+jac-sq-fd"):
+        normalized = method.startswith("kd+jac-norm")
+        return DistillationLoss(teacher, beta=args.beta_norm if normalized else args.beta_sq,
+                                kind="normalized" if normalized else "squared",
+                                estimator="finite_difference" if method.endswith("-fd") else "exact")
     if method == "kd+noise":
         return NoisySquaredDistillation(teacher, args.beta_sq / args.noise_sigma ** 2, args.noise_sigma)
-    return DistillationLoss(teacher, beta=args.beta_sq, estimator="noise", noise_sigma=args.noise_sigma)
+    if method == "kd+jac-sq-noise":
+        return DistillationLoss(teacher, beta=args.beta_sq, estimator="noise", noise_sigma=args.noise_sigma)
+    raise ValueError(f"unknown distillation method {method!r}; expected one of {DISTILL_METHODS}")
 
 
 def run_distill(args) -> int:
