@@ -48,6 +48,8 @@ def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
     providers = {row["provider"] for row in data["rows"]}
     assert {"eager", "compile", "public", "jacfast-cpu"} <= providers
     assert all(row["median_ms"] > 0 and row["max_rel_err"] < 1e-4 for row in data["rows"])
+    assert {row["mode"] for row in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(row["peak_mb"] >= 0 for row in data["rows"])
 
     from jacfast.bench import report
 

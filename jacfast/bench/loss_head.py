@@ -72,6 +72,13 @@ def _copy_bandwidth(numel: int, dtype, device, sets: int) -> float:
 
 def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("normalized",), dtypes=("float32",),
         modes=("fwd+bwd",), progress=None) -> list[dict]:
+    # The bwd mode backpropagates one retained graph many times, which torch.compile's donated
+    # buffers forbid; compiled graphs are built here without them.
+    with torch._functorch.config.patch(donated_buffer=False):
+        return _run(sizes, device, kinds, dtypes, modes, progress)
+
+
+def _run(sizes, device, kinds, dtypes, modes, progress) -> list[dict]:
     rows_out = []
     for kind in kinds:
         for dtype_name in dtypes:

@@ -52,8 +52,9 @@ def loss_head_table(result: dict) -> str:
 def _env_line(result: dict, folder: str) -> str:
     env = result["environment"]
     rel = os.path.relpath(result["path"], os.path.dirname(folder.rstrip("/")) or ".")
+    allocator = f", allocator: {env['allocator']}" if env.get("allocator") else ""
     return (f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}, revision {env['git_revision']}, "
-            f"{env['timestamp']} (suite `{result['suite']}`, file `{rel}`).")
+            f"{env['timestamp']}{allocator} (suite `{result['suite']}`, file `{rel}`).")
 
 
 def _selection_part(device: str, result: dict, folder: str) -> list[str]:

@@ -1,11 +1,13 @@
 """Timing primitives: warm-up, repeats, medians and percentiles, CPU or CUDA clocks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -64,6 +66,20 @@ def measure(fn: Callable[[int], object], device: torch.device, *, min_time: floa
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Drop what native code writes to file descriptor 2 (the profiler's start/stop lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[int], object], i: int, device: torch.device) -> int:
     """Bytes one call of ``fn(i)`` allocates above what is allocated when it starts.
 
@@ -81,7 +97,7 @@ def peak_bytes(fn: Callable[[int], object], i: int, device: torch.device) -> int
     from torch.profiler import ProfilerActivity, profile
 
     with tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn(i)
         trace = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(trace)
@@ -107,6 +123,27 @@ def rotation_count(bytes_per_set: int, device: torch.device) -> int:
     """How many input sets to rotate through so that together they exceed the caches."""
     cache = 256 * 2**20 if device.type == "cuda" else 128 * 2**20  # > H100 L2 (50 MB), > CPU L3 here (32 MB)
     return max(1, min(16, -(-cache // max(1, bytes_per_set))))
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep freed blocks below 32 MiB for reuse instead of returning them to the OS.
+
+    By default glibc serves large blocks by mmap (or trims the heap) and gives them back on
+    free, so the next tensor of that size page-faults all its memory again: on this project's
+    2-core VM that cost up to 1 ms per 3 MB tensor, at random, to every provider (eager,
+    torch.compile and jacfast alike), depending on the order of allocations. PyTorch's CPU
+    tuning guide recommends a caching allocator for the same reason. Returns what was set.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc: mmap threshold 32 MiB, no trim" if ok else "default (mallopt unavailable)"
 
 
 def device_name(device: torch.device) -> str:

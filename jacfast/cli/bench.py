@@ -12,7 +12,7 @@ import re
 import torch
 
 from jacfast.bench import loss_head, selection, training_step
-from jacfast.bench.timing import environment
+from jacfast.bench.timing import environment, keep_freed_memory
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 BENCHMARKS = ("loss_head", "selection", "training_step")
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=tuple(loss_head.DTYPES),
                         help="input dtypes (quick: float32; full: float32 bfloat16 float16)")
     parser.add_argument("--modes", nargs="+", default=None, choices=tuple(loss_head.PASSES),
-                        help="what to time (quick: fwd+bwd; full: fwd bwd fwd+bwd)")
+                        help="what to time (quick: fwd+bwd; full and smoke: fwd bwd fwd+bwd)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="BENCHMARK",
                         help=f"run only these benchmarks, of {', '.join(BENCHMARKS)} (default: all)")
@@ -65,7 +65,7 @@ def _run_loss_head(args, device, env) -> None:
     sizes = loss_head.SIZES["full-cuda" if full and device.type == "cuda" else args.suite]
     kinds = args.kinds or (["normalized", "squared", "norm"] if full else ["normalized"])
     dtypes = args.dtypes or (["float32", "bfloat16", "float16"] if full else ["float32"])
-    modes = args.modes or (["fwd", "bwd", "fwd+bwd"] if full else ["fwd+bwd"])
+    modes = args.modes or (["fwd+bwd"] if args.suite == "quick" else ["fwd", "bwd", "fwd+bwd"])
     print(f"  the floor is the traffic of each mode at the copy bandwidth measured in this run\n", flush=True)
 
     def progress(row):
@@ -123,11 +123,14 @@ def run(args) -> int:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory() if device.type == "cpu" else "torch CUDA caching allocator"
     only = args.only or BENCHMARKS
     env = environment(device)
-    print(f"jacfast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
+    print(f"jacfast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, triton {env['triton']}; "
+          f"allocator: {allocator})", flush=True)
     runners = {"loss_head": _run_loss_head, "selection": _run_selection, "training_step": _run_training_step}
     for name in BENCHMARKS:
         if name in only:
-            runners[name](args, device, environment(device))  # each file: when its own benchmark started
+            # each file: when its own benchmark started
+            runners[name](args, device, {**environment(device), "allocator": allocator})
     return 0

@@ -29,6 +29,10 @@ Estimators of J and of its parameter gradient (``estimator=``):
   Jacobian term. It is zero for affine networks and for ReLU networks once sigma is below
   the distance of x to the nearest kink (Laplacian zero off the kinks), but not for smooth
   activations or larger sigma, where this estimator is biased unless S(x) = T(x).
+  Minimizing it is unstable: the clean error enters with a minus sign, so for a non-affine
+  student the estimate is not bounded below. In experiment (a) (ReLU student, sigma 0.1,
+  beta 0.1) every run diverged to chance accuracy with J near -1e13 (experiments/README.md):
+  use this estimator to measure the term, or train with small sigma and beta and watch J.
 
 The teacher's rows are computed without a graph and without parameter gradients. The
 teacher is not a submodule of the loss (its mode and device stay yours: use ``teacher.eval()``).

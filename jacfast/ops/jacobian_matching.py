@@ -21,6 +21,9 @@ from jacfast import registry
 
 KINDS = {"normalized": 0, "squared": 1, "norm": 2}
 REDUCTION_NONE, REDUCTION_SCALED_SUM = 0, 1
+# Backends whose forward_backward reads each row from memory once (the CPU kernel writes a
+# row's gradient while the row is in cache); the GPU ones run forward, then backward.
+FUSED_BACKENDS = frozenset({"cpu"})
 
 
 def _kernels(backend: str):
@@ -104,16 +107,20 @@ torch.library.register_autograd("jacfast::jacobian_matching_fwd", _backward, set
 
 
 class JacobianMatchingFunction(torch.autograd.Function):
-    """The ops' autograd formula for eager calls: same kernels, same results, less overhead.
+    """The ops' autograd formula for eager calls: same kernels, less overhead, fewer passes.
 
     Custom-op dispatch with ``register_autograd`` cost ~180 us per forward+backward on this
     project's CPU (241 us against 6 us of kernel time at R=8, D=50), as much as the kernels
     take at R*D ~ 1e6; this Function calls the kernels directly (~60 us of overhead).
     Compiled graphs, ``opcheck`` and export go through the registered ops instead.
 
-    Fusing the backward into the forward (``forward_backward``, saving the gradient) was
-    measured and dropped: the backward must still scale the saved gradient by the incoming
-    one, so the traffic stays at 5 passes, and it would round half precision twice.
+    Fused path (FUSED_BACKENDS, float32/float64, only the student needs a gradient: the
+    training case): the forward runs ``forward_backward``, one pass that reads each row once
+    and writes its gradient, and keeps that gradient. The first backward hands the buffer
+    over, scaled in place by the incoming gradient unless that is a CPU scalar equal to 1:
+    3 passes over memory (5 when scaled), against 5 for forward + backward. The buffer is
+    never returned twice (autograd may accumulate into a returned gradient in place): a
+    second backward through a retained graph recomputes from the saved inputs.
 
     The backward is first order: a backward with ``create_graph=True`` raises instead of
     returning gradients that silently carry no graph; ``backend="torch"`` is twice
@@ -123,9 +130,18 @@ class JacobianMatchingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, kind: int, reduction: int, eps: float, scale: float, backend: str):
-        loss, coef = _kernels(backend).forward(student, teacher, kind, reduction, eps, scale)
-        ctx.save_for_backward(student, teacher, coef)
-        ctx.reduction, ctx.scale, ctx.backend = reduction, scale, backend
+        kernels = _kernels(backend)
+        ctx.kind, ctx.reduction, ctx.eps, ctx.scale, ctx.backend = kind, reduction, eps, scale, backend
+        need_t = ctx.needs_input_grad[1] and teacher is not None
+        fused = (ctx.needs_input_grad[0] and not need_t and backend in FUSED_BACKENDS
+                 and student.dtype in (torch.float32, torch.float64))
+        if fused:
+            loss, ctx.gradient = kernels.forward_backward(student, teacher, kind, reduction, eps, scale)
+            ctx.save_for_backward(student, teacher)
+        else:
+            loss, coef = kernels.forward(student, teacher, kind, reduction, eps, scale)
+            ctx.gradient = None
+            ctx.save_for_backward(student, teacher, coef)
         return loss
 
     @staticmethod
@@ -135,9 +151,21 @@ class JacobianMatchingFunction(torch.autograd.Function):
                 f"backend={ctx.backend!r} computes first-order gradients of the Jacobian-matching loss only;"
                 " differentiating its backward (create_graph=True) needs backend='torch'"
             )
-        student, teacher, coef = ctx.saved_tensors
+        nones = (None,) * 5
+        if ctx.gradient is not None:  # fused forward: hand its gradient over, once
+            grad, ctx.gradient = ctx.gradient, None
+            if not (grad_loss.ndim == 0 and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+                grad.mul_(grad_loss.view(-1, 1) if ctx.reduction == REDUCTION_NONE else grad_loss)
+            return (grad, None) + nones
+        kernels = _kernels(ctx.backend)
+        saved = ctx.saved_tensors
+        if len(saved) == 2:  # fused forward whose gradient went to an earlier backward
+            student, teacher = saved
+            _, coef = kernels.forward(student, teacher, ctx.kind, ctx.reduction, ctx.eps, ctx.scale)
+        else:
+            student, teacher, coef = saved
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and teacher is not None
-        grad_s, grad_t = _kernels(ctx.backend).backward(
+        grad_s, grad_t = kernels.backward(
             grad_loss.contiguous(), student, teacher, coef, ctx.reduction, ctx.scale, need_s, need_t
         )
-        return (grad_s if need_s else None), (grad_t if need_t else None), None, None, None, None, None
+        return (grad_s if need_s else None, grad_t if need_t else None) + nones
