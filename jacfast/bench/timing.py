@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -36,30 +36,32 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(fn: Callable[[int], object], device: torch.device, *, min_time: float = 0.5, min_repeats: int = 10,
-            max_repeats: int = 1000, warmup: int = 3) -> Timing:
+            max_repeats: int = 1000, warmup: int = 3, setup: Optional[Callable[[int], object]] = None) -> Timing:
     """Time ``fn(i)`` for i = 0, 1, 2, ...; ``fn`` picks its inputs from a rotation by ``i``.
 
-    Each call is timed on its own (CUDA events on a GPU), so the median is robust to the
-    occasional stall; calls repeat until both ``min_repeats`` and ``min_time`` are reached.
+    With ``setup``, ``fn(setup(i))`` is timed instead and ``setup(i)`` runs untimed before it
+    (e.g. the forward whose backward is timed). Each call is timed on its own (CUDA events
+    on a GPU), so the median is robust to the occasional stall; calls repeat until both
+    ``min_repeats`` and ``min_time`` (timed seconds) are reached.
     """
+    prepare = setup or (lambda i: i)
     for i in range(warmup):
-        fn(i)
+        fn(prepare(i))
     samples: list[float] = []
-    started = time.perf_counter()
     i = warmup
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - started < min_time):
+    while len(samples) < max_repeats and (len(samples) < min_repeats or sum(samples) < min_time):
+        arg = prepare(i)
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            fn(i)
+            fn(arg)
             end.record()
             end.synchronize()
             samples.append(begin.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter()
-            fn(i)
+            fn(arg)
             samples.append(time.perf_counter() - t0)
         i += 1
     samples.sort()
@@ -80,8 +82,8 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-def peak_bytes(fn: Callable[[int], object], i: int, device: torch.device) -> int:
-    """Bytes one call of ``fn(i)`` allocates above what is allocated when it starts.
+def peak_bytes(fn: Callable[[object], object], arg: object, device: torch.device) -> int:
+    """Bytes one call of ``fn(arg)`` allocates above what is allocated when it starts.
 
     CUDA: ``max_memory_allocated``. CPU: the allocations and frees of torch's CPU allocator
     recorded by ``torch.profiler`` (``profile_memory=True``), replayed in time order.
@@ -90,7 +92,7 @@ def peak_bytes(fn: Callable[[int], object], i: int, device: torch.device) -> int
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn(i)
+        fn(arg)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's "no GPU" error lines
@@ -98,7 +100,7 @@ def peak_bytes(fn: Callable[[int], object], i: int, device: torch.device) -> int
 
     with tempfile.TemporaryDirectory() as tmp:
         with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn(i)
+            fn(arg)
         trace = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(trace)
         with open(trace) as handle:
