@@ -161,7 +161,7 @@ def jacobian_matching_loss(
     if torch.compiler.is_compiling():  # graphs see the registered op
         loss, _ = ops.jacobian_matching_fwd(*args)
     else:  # eager: the same kernels without custom-op dispatch (see JacobianMatchingFunction)
-        loss = ops.JacobianMatchingFunction.apply(*args)
+        loss = ops.JacobianMatchingFunction.apply(*args, torch.is_grad_enabled())
     return _shape_loss(loss, reduction, call)
 
 

@@ -102,6 +102,36 @@ def test_backends_report_reasons():
         assert entry.available or entry.reason
 
 
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_fused_gradient_only_when_it_will_be_used(backend, device, monkeypatch):
+    """The eager path computes the gradient in the forward (fused backends) only under grad
+    mode, for a student that requires grad, with a teacher that does not."""
+    calls = []
+
+    class Spy:
+        def __init__(self, kernels):
+            self.kernels = kernels
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self.kernels, name)
+
+    real = ops._kernels
+    monkeypatch.setattr(ops, "_kernels", lambda name: Spy(real(name)))
+    student, teacher = make_pair((4, 2, 9), torch.float32, device, "normalized")
+    fused = ["forward_backward"] if backend in ops.FUSED_BACKENDS else ["forward"]
+    cases = [  # (student requires grad, teacher requires grad, grad mode, kernels expected)
+        (True, False, True, fused), (True, False, False, ["forward"]),
+        (True, True, True, ["forward"]), (False, True, True, ["forward"]),
+    ]
+    for s_grad, t_grad, grad_mode, expected in cases:
+        calls.clear()
+        with torch.set_grad_enabled(grad_mode):
+            jacfast.jacobian_matching_loss(student.clone().requires_grad_(s_grad), teacher.clone().requires_grad_(t_grad),
+                                           backend=backend)
+        assert calls == expected, (s_grad, t_grad, grad_mode)
+
+
 def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
     student, teacher = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
     with pytest.raises(jacfast.BackendUnavailableError, match="CUDA tensors only"):

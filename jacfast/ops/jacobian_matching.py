@@ -129,11 +129,14 @@ class JacobianMatchingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, kind: int, reduction: int, eps: float, scale: float, backend: str):
+    def forward(ctx, student, teacher, kind: int, reduction: int, eps: float, scale: float, backend: str,
+                grad_mode: bool):
+        # grad_mode: torch.is_grad_enabled() of the caller (forward itself runs without grad,
+        # and needs_input_grad is True under no_grad too).
         kernels = _kernels(backend)
         ctx.kind, ctx.reduction, ctx.eps, ctx.scale, ctx.backend = kind, reduction, eps, scale, backend
         need_t = ctx.needs_input_grad[1] and teacher is not None
-        fused = (ctx.needs_input_grad[0] and not need_t and backend in FUSED_BACKENDS
+        fused = (grad_mode and ctx.needs_input_grad[0] and not need_t and backend in FUSED_BACKENDS
                  and student.dtype in (torch.float32, torch.float64))
         if fused:
             loss, ctx.gradient = kernels.forward_backward(student, teacher, kind, reduction, eps, scale)
@@ -151,7 +154,7 @@ class JacobianMatchingFunction(torch.autograd.Function):
                 f"backend={ctx.backend!r} computes first-order gradients of the Jacobian-matching loss only;"
                 " differentiating its backward (create_graph=True) needs backend='torch'"
             )
-        nones = (None,) * 5
+        nones = (None,) * 6
         if ctx.gradient is not None:  # fused forward: hand its gradient over, once
             grad, ctx.gradient = ctx.gradient, None
             if not (grad_loss.ndim == 0 and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
