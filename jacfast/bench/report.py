@@ -49,6 +49,27 @@ def loss_head_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def loss_head_targets(result: dict) -> str:
+    """Per kind and dtype, the worst fwd+bwd ratio of each jacfast backend over the sweep."""
+    worst: dict = {}
+    for r in result["rows"]:
+        if r["mode"] != "fwd+bwd" or not r["provider"].startswith("jacfast-"):
+            continue
+        key = (r["kind"], r["dtype"], r["provider"][8:])
+        w = worst.setdefault(key, {"eager": float("inf"), "compile": float("inf"), "floor": 0.0, "n": 0})
+        w["eager"] = min(w["eager"], r["speedup_vs_eager"])
+        w["compile"] = min(w["compile"], r["speedup_vs_compile"])
+        w["floor"] = max(w["floor"], r["vs_floor"])
+        w["n"] += 1
+    lines = ["Worst case over the sweep below (the CPU targets, fp32: >= 8x eager, >= 1.5x torch.compile, "
+             "<= 2x the floor):", "",
+             "| kind | dtype | backend | sizes | min x eager | min x torch.compile | max x floor |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for (kind, dtype, backend), w in worst.items():
+        lines.append(f"| {kind} | {dtype} | {backend} | {w['n']} | {w['eager']:.1f} | {w['compile']:.2f} | {w['floor']:.2f} |")
+    return "\n".join(lines)
+
+
 def _env_line(result: dict, folder: str) -> str:
     env = result["environment"]
     rel = os.path.relpath(result["path"], os.path.dirname(folder.rstrip("/")) or ".")
@@ -88,7 +109,11 @@ def performance_section(folder: str) -> str:
     if not chosen and not any(others.values()):
         parts.append("No benchmark results are committed yet.")
     for device, result in sorted(chosen.items(), key=lambda kv: kv[1]["environment"]["device_type"]):
-        parts += [f"### Loss head on {device}", "", _env_line(result, folder), "", loss_head_table(result), ""]
+        parts += [f"### Loss head on {device}", "", _env_line(result, folder), "",
+                  "fwd+bwd of `jacobian_matching_loss` (mean reduction) through autograd; the floor is reading "
+                  "student and teacher once and writing the gradient, at the copy bandwidth of the same run; GB/s "
+                  "counts that traffic; peak memory above the inputs.", "",
+                  loss_head_targets(result), "", loss_head_table(result), ""]
     for name, part in (("selection", _selection_part), ("training_step", _training_step_part)):
         for device, result in sorted(others[name].items(), key=lambda kv: kv[1]["environment"]["device_type"]):
             parts += part(device, result, folder)
