@@ -6,7 +6,8 @@ fwd reads s and t (2 passes of R * D * itemsize); bwd, recomputing from the inpu
 and t and writes grad_s (3); fwd+bwd reads s and t once and writes grad_s (3: what a fused
 implementation moves when the incoming gradient is 1, as here; a forward kernel plus a
 backward kernel move 5). The floor is that traffic at the bandwidth of a plain copy measured
-in the same run; GB/s is that traffic over the time. jacfast-cpu's bwd is almost free when
+in the same run; GB/s is that traffic over the time. Providers are timed round-robin
+(:func:`jacfast.bench.timing.measure_interleaved`), so a load change hits all of them. jacfast-cpu's bwd is almost free when
 its forward already computed the gradient (the fused path of JacobianMatchingFunction).
 
 Peak memory (``peak_mb``) is what one call of the timed mode allocates above what is
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from jacfast import loss as jloss
 from jacfast import reference, registry
-from jacfast.bench.timing import measure, peak_bytes, rotation_count
+from jacfast.bench.timing import measure, measure_interleaved, peak_bytes, rotation_count
 
 SIZES = {
     "quick": [(256, 3072), (16, 3 * 224 * 224)],
@@ -92,10 +93,13 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                 errors = _errors(funcs, pairs[0], kind)
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
-                    measured = {name: _time(fn, pairs, mode, device) for name, fn in funcs.items()}
-                    timings = {name: timing for name, (timing, _) in measured.items()}
+                    calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()}
+                    timings = measure_interleaved({n: c for n, (c, _) in calls.items()}, device,
+                                                  setups={n: s for n, (_, s) in calls.items() if s})
+                    peaks = {n: peak_bytes(c, s(0) if s else 0, device) for n, (c, s) in calls.items()}
                     others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
-                    for name, (timing, peak) in measured.items():
+                    for name, timing in timings.items():
+                        peak = peaks[name]
                         row = {
                             "op": "loss_head", "kind": kind, "dtype": dtype_name, "mode": mode, "rows": rows, "dim": dim,
                             "provider": name, **{f"{k}_ms": v * 1e3 for k, v in timing.as_dict().items() if k != "repeats"},
@@ -113,31 +117,28 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
     return rows_out
 
 
-def _time(fn, pairs, mode, device):
-    """(Timing, peak bytes of one call) of ``mode`` for the loss function ``fn``.
+def _calls(fn, pairs, mode):
+    """(call, setup or None) timing ``mode`` of the loss function ``fn`` (see timing.measure).
 
     bwd times the backward of a fresh forward, run untimed just before it.
     """
     sets = len(pairs)
     leaves = [(s.clone().requires_grad_(True), t) for s, t in pairs]
-    setup = None
     if mode == "fwd":
         def call(i):
             with torch.no_grad():
                 return fn(*pairs[i % sets])
-    elif mode == "bwd":
+        return call, None
+    if mode == "bwd":
         def setup(i):
             s, t = leaves[i % sets]
             return fn(s, t), s
+        return (lambda prepared: torch.autograd.grad(*prepared)), setup
 
-        def call(prepared):
-            return torch.autograd.grad(*prepared)
-    else:
-        def call(i):
-            s, t = leaves[i % sets]
-            return torch.autograd.grad(fn(s, t), s)
-    timing = measure(call, device, setup=setup)
-    return timing, peak_bytes(call, setup(0) if setup else 0, device)
+    def call(i):
+        s, t = leaves[i % sets]
+        return torch.autograd.grad(fn(s, t), s)
+    return call, None
 
 
 def _errors(funcs, pair, kind) -> dict:

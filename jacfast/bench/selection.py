@@ -17,15 +17,13 @@ shared machine hits them alike and their ratios stay meaningful.
 from __future__ import annotations
 
 import math
-import statistics
 import time
-from typing import Callable
 
 import torch
 from torch import nn
 
 from jacfast import registry
-from jacfast.bench.timing import Timing, _quantile, rotation_count
+from jacfast.bench.timing import Timing, measure_interleaved, paired_ratio, rotation_count
 from jacfast.jacobians import STRATEGIES, StrategyCache, input_jacobians, strategy_cache
 from jacfast.ops.topk_seeds import topk_seeds
 from jacfast.selection import select
@@ -50,53 +48,6 @@ TIMING = {
     "smoke": {"min_time": 0.0, "min_repeats": 2, "warmup": 1},
 }
 NAIVE = "torch.topk+scatter"
-
-
-def measure_interleaved(fns: dict[str, Callable[[int], object]], device: torch.device, *, min_time: float = 0.5,
-                        min_repeats: int = 10, max_repeats: int = 1000, warmup: int = 3,
-                        raw: dict | None = None) -> dict[str, Timing]:
-    """Like :func:`jacfast.bench.timing.measure`, for several providers timed round-robin:
-    call i of every provider runs before call i + 1 of any, in an order rotated each round.
-    Stops once each provider has ``min_repeats`` calls and ``min_time`` seconds per provider
-    have passed. On a loaded machine this keeps ratios honest; back-to-back blocks would
-    charge one provider for a load spike the others missed. ``raw``, if given, receives each
-    provider's seconds per round, in round order (for :func:`paired_ratio`)."""
-    names = list(fns)
-    for name in names:
-        for i in range(warmup):
-            fns[name](i)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    started, i = time.perf_counter(), warmup
-    while i - warmup < max_repeats and (i - warmup < min_repeats
-                                        or time.perf_counter() - started < min_time * len(names)):
-        shift = (i - warmup) % len(names)
-        for name in names[shift:] + names[:shift]:
-            if device.type == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                begin.record()
-                fns[name](i)
-                end.record()
-                end.synchronize()
-                samples[name].append(begin.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fns[name](i)
-                samples[name].append(time.perf_counter() - t0)
-        i += 1
-    if raw is not None:
-        raw.update({name: list(values) for name, values in samples.items()})
-    out = {}
-    for name, values in samples.items():
-        values.sort()
-        out[name] = Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
-    return out
-
-
-def paired_ratio(raw: dict, num: str, den: str) -> float:
-    """Median over rounds of num's time / den's time in the same round: under a load that
-    changes from round to round, steadier than the ratio of the two medians."""
-    return statistics.median(a / b for a, b in zip(raw[num], raw[den]))
 
 
 def _timing_fields(timing: Timing) -> dict:

@@ -68,6 +68,57 @@ def measure(fn: Callable[[int], object], device: torch.device, *, min_time: floa
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
 
 
+def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_time: float = 0.5,
+                        min_repeats: int = 10, max_repeats: int = 1000, warmup: int = 3,
+                        raw: Optional[dict] = None, setups: Optional[dict[str, Callable]] = None) -> dict[str, Timing]:
+    """Like :func:`jacfast.bench.timing.measure`, for several providers timed round-robin:
+    call i of every provider runs before call i + 1 of any, in an order rotated each round.
+    Stops once each provider has ``min_repeats`` calls and ``min_time`` seconds per provider
+    have passed. On a loaded machine this keeps ratios honest; back-to-back blocks would
+    charge one provider for a load spike the others missed. ``raw``, if given, receives each
+    provider's seconds per round, in round order (for :func:`paired_ratio`). ``setups[name]``,
+    if given, works as ``setup`` of :func:`measure` for that provider (untimed, just before)."""
+    names = list(fns)
+    setups = setups or {}
+    prepare = {name: setups.get(name, lambda i: i) for name in names}
+    for name in names:
+        for i in range(warmup):
+            fns[name](prepare[name](i))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    started, i = time.perf_counter(), warmup
+    while i - warmup < max_repeats and (i - warmup < min_repeats
+                                        or time.perf_counter() - started < min_time * len(names)):
+        shift = (i - warmup) % len(names)
+        for name in names[shift:] + names[:shift]:
+            arg = prepare[name](i)
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                begin.record()
+                fns[name](arg)
+                end.record()
+                end.synchronize()
+                samples[name].append(begin.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fns[name](arg)
+                samples[name].append(time.perf_counter() - t0)
+        i += 1
+    if raw is not None:
+        raw.update({name: list(values) for name, values in samples.items()})
+    out = {}
+    for name, values in samples.items():
+        values.sort()
+        out[name] = Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
+    return out
+
+
+def paired_ratio(raw: dict, num: str, den: str) -> float:
+    """Median over rounds of num's time / den's time in the same round: under a load that
+    changes from round to round, steadier than the ratio of the two medians."""
+    return statistics.median(a / b for a, b in zip(raw[num], raw[den]))
+
+
 @contextlib.contextmanager
 def _native_stderr_silenced():
     """Drop what native code writes to file descriptor 2 (the profiler's start/stop lines)."""

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from jacfast import reference
-from jacfast.bench.selection import TIMING, _sync, _timing_fields, measure_interleaved, paired_ratio, small_cnn
-from jacfast.bench.timing import peak_bytes, rotation_count
+from jacfast.bench.selection import TIMING, _sync, _timing_fields, small_cnn
+from jacfast.bench.timing import measure_interleaved, paired_ratio, peak_bytes, rotation_count
 from jacfast.jacobians import strategy_cache
 from jacfast.losses import DistillationLoss
 from jacfast.teacher_cache import TeacherCache
