@@ -6,8 +6,13 @@ fwd reads s and t (2 passes of R * D * itemsize); bwd, recomputing from the inpu
 and t and writes grad_s (3); fwd+bwd reads s and t once and writes grad_s (3: what a fused
 implementation moves when the incoming gradient is 1, as here; a forward kernel plus a
 backward kernel move 5). The floor is that traffic at the bandwidth of a plain copy measured
-in the same run; GB/s is that traffic over the time. Providers are timed round-robin
-(:func:`jacfast.bench.timing.measure_interleaved`), so a load change hits all of them. jacfast-cpu's bwd is almost free when
+in the same run; GB/s is that traffic over the time.
+
+Each provider is timed in its own block of back-to-back calls. Round-robin timing (as the
+selection and training-step benchmarks do) was tried and dropped here: on this project's
+2-core VM any call that follows another provider's (or a 3 ms pause) pays a constant
+~0.4-0.5 ms wake-up, whatever the provider (measured: jacfast +376 us, eager +543 us,
+torch.compile +372 us at 256 x 3072), which swamps millisecond kernels. jacfast-cpu's bwd is almost free when
 its forward already computed the gradient (the fused path of JacobianMatchingFunction).
 
 Peak memory (``peak_mb``) is what one call of the timed mode allocates above what is
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 
 from jacfast import loss as jloss
 from jacfast import reference, registry
-from jacfast.bench.timing import measure, measure_interleaved, peak_bytes, rotation_count
+from jacfast.bench.timing import measure, peak_bytes, rotation_count
 
 SIZES = {
     "quick": [(256, 3072), (16, 3 * 224 * 224)],
@@ -94,8 +99,7 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
                     calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()}
-                    timings = measure_interleaved({n: c for n, (c, _) in calls.items()}, device,
-                                                  setups={n: s for n, (_, s) in calls.items() if s})
+                    timings = {n: measure(c, device, setup=s) for n, (c, s) in calls.items()}
                     peaks = {n: peak_bytes(c, s(0) if s else 0, device) for n, (c, s) in calls.items()}
                     others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
                     for name, timing in timings.items():
