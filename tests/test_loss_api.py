@@ -132,6 +132,31 @@ def test_fused_gradient_only_when_it_will_be_used(backend, device, monkeypatch):
         assert calls == expected, (s_grad, t_grad, grad_mode)
 
 
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_path_and_registered_op_agree_bitwise(backend, device, kind):
+    """The eager Function (fused on CPU) and the op that compiled graphs call: the same bits,
+    except that the fused path scales its saved gradient by an upstream gradient != 1 in the
+    input dtype (a second rounding: within an ulp)."""
+    student, teacher = make_pair((6, 3, 257), torch.float32, device, kind)
+    args = (ops.KINDS[kind], ops.REDUCTION_SCALED_SUM, 1e-12, 1 / 6, backend)
+    rows_s = student.reshape(18, -1)
+    rows_t = None if teacher is None else teacher.reshape(18, -1)
+    for upstream in (1.0, 0.37):
+        s1 = rows_s.clone().requires_grad_(True)
+        loss1 = ops.JacobianMatchingFunction.apply(s1, rows_t, *args, True)
+        (g1,) = torch.autograd.grad(loss1 * upstream, s1)
+        s2 = rows_s.clone().requires_grad_(True)
+        loss2, _ = ops.jacobian_matching_fwd(s2, rows_t, *args)
+        (g2,) = torch.autograd.grad(loss2 * upstream, s2)
+        assert torch.equal(loss1, loss2)
+        if upstream == 1.0 or backend not in ops.FUSED_BACKENDS:
+            assert torch.equal(g1, g2)
+        else:
+            ulp = torch.finfo(torch.float32).eps * g2.abs()
+            assert ((g1 - g2).abs() <= ulp).all()
+
+
 def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
     student, teacher = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
     with pytest.raises(jacfast.BackendUnavailableError, match="CUDA tensors only"):

@@ -77,7 +77,9 @@ def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_t
     have passed. On a loaded machine this keeps ratios honest; back-to-back blocks would
     charge one provider for a load spike the others missed. ``raw``, if given, receives each
     provider's seconds per round, in round order (for :func:`paired_ratio`). ``setups[name]``,
-    if given, works as ``setup`` of :func:`measure` for that provider (untimed, just before)."""
+    if given, works as ``setup`` of :func:`measure` for that provider (untimed, just before).
+    Caveat: on this project's VM a call that follows another provider's pays a constant
+    wake-up of ~0.4 ms (OpenMP workers, seen at 256 x 3072), so the loss head uses :func:`measure`."""
     names = list(fns)
     setups = setups or {}
     prepare = {name: setups.get(name, lambda i: i) for name in names}

@@ -118,7 +118,8 @@ class JacobianMatchingFunction(torch.autograd.Function):
     training case): the forward runs ``forward_backward``, one pass that reads each row once
     and writes its gradient, and keeps that gradient. The first backward hands the buffer
     over, scaled in place by the incoming gradient unless that is a CPU scalar equal to 1:
-    3 passes over memory (5 when scaled), against 5 for forward + backward. The buffer is
+    3 passes over memory (5 when scaled), against 5 for forward + backward; the scaling
+    rounds a second time, so gradients may differ from the ops' in the last bit. The buffer is
     never returned twice (autograd may accumulate into a returned gradient in place): a
     second backward through a retained graph recomputes from the saved inputs.
 
