@@ -85,6 +85,10 @@ def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
     rows = step["rows"]
     assert [r["provider"] for r in rows] == list(training_step.PROVIDERS) * len({r["k"] for r in rows})
     assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    for r in rows:  # the bootstrap interval brackets the paired ratio it is an interval of
+        lo, hi = r["speedup_vs_naive_paired_ci95"]
+        assert lo <= r["speedup_vs_naive_paired"] <= hi
+    assert step["environment"]["allocator"].startswith("glibc")  # the default: --allocator keep
     # Same weights, same batch: every Jacobian-matching provider computes the naive loop's loss.
     assert all(r["loss_rel_diff_vs_naive"] < 1e-4 for r in rows if r["provider"] != "kd-floor")
 
@@ -96,3 +100,13 @@ def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
     assert "| torch.topk+scatter |" in section and "| jacfast-cache |" in section
     pytest.importorskip("matplotlib")
     assert any("training_step-memory-" in p for p in report.plot(str(tmp_path)))
+
+
+def test_paired_ratio_interval():
+    from jacfast.bench.timing import paired_ratio, paired_ratio_interval
+
+    raw = {"a": [2.0, 2.2, 1.9, 2.1, 2.0, 2.4, 2.0, 1.8], "b": [1.0, 1.0, 1.0, 1.1, 0.9, 1.2, 1.0, 1.0]}
+    lo, hi = paired_ratio_interval(raw, "a", "b")
+    assert lo <= paired_ratio(raw, "a", "b") <= hi and 1.5 < lo and hi < 2.5
+    assert (lo, hi) == paired_ratio_interval(raw, "a", "b")  # fixed seed: reproducible
+    assert paired_ratio_interval({"a": [1.0] * 5, "b": [1.0] * 5}, "a", "b") == (1.0, 1.0)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,18 @@ def paired_ratio(raw: dict, num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(raw[num], raw[den]))
 
 
+def paired_ratio_interval(raw: dict, num: str, den: str, *, level: float = 0.95, resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval (percentile, ``level``) of :func:`paired_ratio`: rounds resampled with
+    replacement, a fixed seed so that the same samples give the same interval. An interval
+    whose lower end is >= 1 says num is slower than den beyond the round-to-round noise."""
+    ratios = [a / b for a, b in zip(raw[num], raw[den])]
+    gen = random.Random(seed)
+    medians = sorted(statistics.median(gen.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return _quantile(medians, tail), _quantile(medians, 1.0 - tail)
+
+
 @contextlib.contextmanager
 def _native_stderr_silenced():
     """Drop what native code writes to file descriptor 2 (the profiler's start/stop lines)."""
@@ -178,6 +191,9 @@ def rotation_count(bytes_per_set: int, device: torch.device) -> int:
     """How many input sets to rotate through so that together they exceed the caches."""
     cache = 256 * 2**20 if device.type == "cuda" else 128 * 2**20  # > H100 L2 (50 MB), > CPU L3 here (32 MB)
     return max(1, min(16, -(-cache // max(1, bytes_per_set))))
+
+
+SYSTEM_ALLOCATOR = "system default (untuned)"
 
 
 def keep_freed_memory() -> str:

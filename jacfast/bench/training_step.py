@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from jacfast import reference
 from jacfast.bench.selection import TIMING, _sync, _timing_fields, small_cnn
-from jacfast.bench.timing import measure_interleaved, paired_ratio, peak_bytes, rotation_count
+from jacfast.bench.timing import measure_interleaved, paired_ratio, paired_ratio_interval, peak_bytes, rotation_count
 from jacfast.jacobians import strategy_cache
 from jacfast.losses import DistillationLoss
 from jacfast.teacher_cache import TeacherCache
@@ -159,6 +159,7 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
                    "teacher_width": TEACHER_WIDTH * width, "k": k, "provider": name, **_timing_fields(t),
                    "speedup_vs_naive": naive / t.median,
                    "speedup_vs_naive_paired": paired_ratio(raw, "naive-loop", name),
+                   "speedup_vs_naive_paired_ci95": list(paired_ratio_interval(raw, "naive-loop", name)),
                    "vs_floor": t.median / floor,
                    "peak_mb": None if peak is None else peak / 2**20,
                    "memory_vs_naive": None if peak is None or not naive_peak else peak / naive_peak,
@@ -176,13 +177,16 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| B | input | K | provider | median ms | p20-p80 ms | x naive loop | same, paired by round | x KD floor "
-             "| peak MB | memory / naive |",
+    lines = ["| B | input | K | provider | median ms | p20-p80 ms | x naive loop | same, paired by round [95% CI] "
+             "| x KD floor | peak MB | memory / naive |",
              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mb = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
         mem = "" if r["memory_vs_naive"] is None else f"{r['memory_vs_naive']:.2f}"
         paired = "" if r.get("speedup_vs_naive_paired") is None else f"{r['speedup_vs_naive_paired']:.2f}"
+        if r.get("speedup_vs_naive_paired_ci95"):
+            lo, hi = r["speedup_vs_naive_paired_ci95"]
+            paired += f" [{lo:.2f}, {hi:.2f}]"
         lines.append(f"| {r['batch']} | {r['input']} | {r['k']} | {r['provider']} | {r['median_ms']:.1f} | "
                      f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {r['speedup_vs_naive']:.2f} | {paired} | "
                      f"{r['vs_floor']:.2f} | {mb} | {mem} |")

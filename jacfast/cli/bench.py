@@ -12,7 +12,7 @@ import re
 import torch
 
 from jacfast.bench import loss_head, selection, training_step
-from jacfast.bench.timing import environment, keep_freed_memory
+from jacfast.bench.timing import SYSTEM_ALLOCATOR, environment, keep_freed_memory
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 BENCHMARKS = ("loss_head", "selection", "training_step")
@@ -32,6 +32,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="BENCHMARK",
                         help=f"run only these benchmarks, of {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--allocator", choices=("keep", "system"), default="keep",
+                        help="CPU runs: 'keep' (default) makes glibc keep freed blocks < 32 MiB for reuse, so "
+                        "timings do not depend on page faults of fresh allocations; 'system' leaves the allocator "
+                        "as it is, as in a training script that does not tune it")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for CPU runs (default: torch's); on a shared, loaded machine "
                         "1 avoids OpenMP barrier stalls; the thread count is part of the recorded device name")
@@ -123,7 +127,10 @@ def run(args) -> int:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    allocator = keep_freed_memory() if device.type == "cpu" else "torch CUDA caching allocator"
+    if device.type == "cuda":
+        allocator = "torch CUDA caching allocator"
+    else:
+        allocator = keep_freed_memory() if args.allocator == "keep" else SYSTEM_ALLOCATOR
     only = args.only or BENCHMARKS
     env = environment(device)
     print(f"jacfast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, triton {env['triton']}; "
