@@ -26,12 +26,16 @@ def latest_per_device(results: list[dict], benchmark: str, suites=("full", "quic
                       by_allocator: bool = False) -> dict:
     """device (or (device, allocator) with ``by_allocator``) -> newest result of ``benchmark``,
     preferring the first suite in ``suites`` that exists."""
+    mine = [r for r in results if r.get("benchmark") == benchmark and r.get("suite") in suites]
+    best_suite: dict = {}  # device -> index in suites of the best suite it has
+    for r in mine:
+        device = r["environment"]["device"]
+        best_suite[device] = min(best_suite.get(device, len(suites)), suites.index(r["suite"]))
     chosen: dict = {}
-    for suite in reversed(suites):
-        for result in results:
-            if result.get("benchmark") == benchmark and result.get("suite") == suite:
-                env = result["environment"]
-                chosen[(env["device"], env.get("allocator")) if by_allocator else env["device"]] = result
+    for r in mine:  # oldest first: the newest of the best suite wins
+        env = r["environment"]
+        if suites.index(r["suite"]) == best_suite[env["device"]]:
+            chosen[(env["device"], env.get("allocator")) if by_allocator else env["device"]] = r
     return chosen
 
 
