@@ -1,6 +1,7 @@
 """The CPU kernels' rounding of float64 results to bfloat16 / float16 (csrc/cpu): once, to
-nearest even, exactly; the fast path (hardware float conversion first, exact redo at grid
-midpoints) must give the same bits as the exact one, against a Fraction-based reference."""
+nearest even, bit for bit against a Fraction-based reference, in every ISA clone, on values
+where rounding through float first would go wrong (grid midpoints nudged by less than a
+float ulp), subnormals, overflow edges, inf and NaN."""
 import math
 import os
 import random
@@ -60,17 +61,16 @@ def check(fmt: str, seed: int) -> None:
     values = hard_values(fmt, rng)
     x = torch.tensor(values, dtype=torch.float64)
     dtype = FORMATS[fmt][3]
-    exact = torch.ops.jacfast_cpu._round_to_grid(x, fmt == "bf16", False).to(dtype)
-    fast = torch.ops.jacfast_cpu._round_to_grid(x, fmt == "bf16", True).to(dtype)
+    # a float on the grid (half overflow: a float beyond 65504, which converts to inf)
+    got = torch.ops.jacfast_cpu._round_to_grid(x, fmt == "bf16").to(dtype)
     want = torch.tensor([round_once(v, fmt) for v in values], dtype=torch.float64).to(dtype)
-    for got, name in ((exact, "exact"), (fast, "fast")):
-        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
-        bad = (~same).nonzero().flatten()[:5].tolist()
-        assert not bad, f"{fmt} {name}: {[(values[i].hex(), got[i].item(), want[i].item()) for i in bad]}"
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    bad = (~same).nonzero().flatten()[:5].tolist()
+    assert not bad, f"{fmt}: {[(values[i].hex(), got[i].item(), want[i].item()) for i in bad]}"
 
 
 def check_kernel(fmt: str, seed: int) -> None:
-    """The same through the backward kernel (its grouped fast path and exact redo): with
+    """The same through the backward kernel (blocks, padded tail, F16C buffers for half): with
     coef = (c, 0, 0), t = 0 and per-row gradient 1, grad_s = c * s, rounded once."""
     import jacfast._C  # noqa: F401
 
@@ -78,7 +78,7 @@ def check_kernel(fmt: str, seed: int) -> None:
     values = hard_values(fmt, rng, count=400)
     dtype = FORMATS[fmt][3]
     scales = [1.0, -1.0, 2.0, 0.5, -0.25]
-    D = 301  # a 256-element group, whole 16-blocks and a padded tail
+    D = 301  # whole 16-element blocks and a padded tail
     s = torch.tensor([[rng.choice(scales) for _ in range(D)] for _ in values], dtype=torch.float64)
     coef = torch.zeros(len(values), 3, dtype=torch.float64)
     coef[:, 0] = torch.tensor(values, dtype=torch.float64)

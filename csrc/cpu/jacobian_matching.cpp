@@ -7,9 +7,7 @@
 //   lowers to AVX-512 (W=8), AVX2 (W=4) or SSE2 (W=2); each is compiled as a target clone
 //   and picked once at runtime. The 16 lanes are the same in every clone, so AVX-512 and
 //   AVX2 give identical bits (the SSE2 clone has no FMA and may differ in the last bit).
-// * fp16/bf16: loads are exact; outputs are rounded once, from float64, to the 16-bit grid
-//   (AVX clones: through a hardware float conversion, redone exactly in the rare groups where
-//   that conversion lands on a midpoint; tests/test_rounding.py checks every path bitwise).
+// * fp16/bf16: loads are exact; outputs are rounded once, from float64, to the 16-bit grid.
 // * forward_backward: a thread forms a row's stats and writes its gradient right away, so
 //   the second read hits L1/L2 (for rows that fit there). Too few rows to keep all threads
 //   busy are split over the threads, which meet at one barrier per row.
@@ -43,14 +41,12 @@ template <int W> struct V {  // native vectors of W doubles: W = 8 (zmm), 4 (ymm
   typedef uint64_t ul __attribute__((vector_size(8 * W)));
   typedef float f __attribute__((vector_size(4 * W)));
   typedef uint32_t u __attribute__((vector_size(4 * W)));
-  typedef int32_t i __attribute__((vector_size(4 * W)));
   typedef uint16_t h __attribute__((vector_size(2 * W)));
 };
 #define JF_INLINE static inline __attribute__((always_inline))
 
-// Element tags: float, double, HalfTag, BF16Tag, and HalfGrid = float storage of the F16C
-// path below: loads hold values on the half grid; stores hold floats that F16C's conversion
-// (to nearest even) takes to the correctly rounded half.
+// Element tags: float, double, HalfTag, BF16Tag, and HalfGrid = float storage holding
+// values already on the half grid (the F16C path below).
 struct HalfTag {}; struct BF16Tag {}; struct HalfGrid {};
 template <class Tag> struct Storage { using type = Tag; };
 template <> struct Storage<HalfTag> { using type = uint16_t; };
@@ -108,41 +104,6 @@ template <bool BF, int W> JF_INLINE typename V<W>::f round_to_grid(const typenam
   return __builtin_convertvector((typename v::d)u, typename v::f);  // exact
 }
 
-// The same rounding, faster (AVX2 / AVX-512 clones): d -> float by hardware (to nearest
-// even), then float -> grid. Rounding twice gives the once-rounded value unless the float is
-// exactly a midpoint of the grid (the first rounding may have made the tie; every grid point
-// and midpoint is a float, and rounding is monotonic). Such lanes are flagged in `ties`, and
-// the caller redoes their group with round_to_grid: ~1 value in 2^16 (bf16) or 2^13 (half).
-// Returns, for bf16, the float rounded to the grid by integer arithmetic (NaN passes
-// through); for half, the float itself, which F16C's conversion (to nearest even) takes to
-// the same half as round_to_grid's float. Assumes no flush-to-zero.
-template <bool BF, int W>
-JF_INLINE typename V<W>::f round_via_float(const typename V<W>::d& d, typename V<W>::u& ties) {
-  using v = V<W>;
-  const typename v::f f = __builtin_convertvector(d, typename v::f);
-  const typename v::u b = (typename v::u)f, a = b & 0x7fffffffu;
-  if constexpr (BF) {
-    ties |= (typename v::u)((b & 0xffffu) == 0x8000u);
-    const typename v::u nan = (typename v::u)(a > 0x7f800000u);
-    const typename v::u r = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
-    return (typename v::f)((r & ~nan) | (b & nan));
-  } else {  // from 2^-14 up (NaN included) 13 bits are dropped; below, the grid is 2^-24
-    const typename v::u normal = (typename v::u)(a >= 0x38800000u);
-    const typename v::f y = (typename v::f)(a & ~normal) * 0x1.0p24f;  // < 2^10 (0 where normal)
-    const typename v::f frac = y - __builtin_convertvector(__builtin_convertvector(y, typename v::i), typename v::f);
-    ties |= (normal & (typename v::u)((b & 0x1fffu) == 0x1000u)) | (~normal & (typename v::u)(frac == 0.5f));
-    return f;
-  }
-}
-
-template <int W> JF_INLINE bool any_set(const typename V<W>::u& x) {
-  uint64_t w[W / 2];
-  std::memcpy(w, &x, sizeof w);
-  uint64_t r = 0;
-  for (int j = 0; j < W / 2; ++j) r |= w[j];
-  return r != 0;
-}
-
 // put: one vector to memory. NT: a non-temporal (streaming) store, p aligned to the vector's
 // size, in the AVX2 / AVX-512 clones (W >= 4) for 16- to 64-byte vectors (VEX/EVEX vmovntpd;
 // GCC has no generic builtin for it and intrinsics cannot be inlined into these
@@ -154,27 +115,16 @@ template <bool NT, int W, class Vec, class S> JF_INLINE void put(S* p, const Vec
     std::memcpy(p, &x, sizeof x);
 }
 
-// Fast rounding (round_via_float) for bf16 / half outputs in the AVX clones unless EXACT.
-template <class Tag, int W> constexpr bool kFastRound = (std::is_same_v<Tag, BF16Tag> || std::is_same_v<Tag, HalfGrid>) && W >= 4;
-
-template <class Tag, int W, bool NT = false, bool EXACT = true>
-JF_INLINE void store(St<Tag>* p, const typename V<W>::d& d, typename V<W>::u* ties = nullptr) {
+template <class Tag, int W, bool NT = false> JF_INLINE void store(St<Tag>* p, const typename V<W>::d& d) {
   using v = V<W>;
-  constexpr bool fast = kFastRound<Tag, W> && !EXACT;
   if constexpr (same<Tag, double>) {
     put<NT, W>(p, d);
   } else if constexpr (same<Tag, float>) {
     put<NT, W>(p, __builtin_convertvector(d, typename v::f));
   } else if constexpr (same<Tag, HalfGrid>) {
-    typename v::f f;
-    if constexpr (fast) f = round_via_float<false, W>(d, *ties);
-    else f = round_to_grid<false, W>(d);
-    std::memcpy(p, &f, sizeof f);
+    typename v::f f = round_to_grid<false, W>(d); std::memcpy(p, &f, sizeof f);
   } else {
-    constexpr bool bf = same<Tag, BF16Tag>;
-    typename v::u w, r;
-    if constexpr (fast) w = (typename v::u)round_via_float<bf, W>(d, *ties);
-    else w = (typename v::u)round_to_grid<bf, W>(d);
+    typename v::u w = (typename v::u)round_to_grid<same<Tag, BF16Tag>, W>(d), r;
     if constexpr (same<Tag, BF16Tag>) {
       r = w >> 16;  // exact: the low 16 bits are zero (NaN keeps its quiet bit)
     } else {        // re-encode an on-grid float as half, exactly (SSE2 clone, loss output)
@@ -280,36 +230,23 @@ JF_INLINE void grad_loop(const St<Tag>* s, const St<Tag>* t, int64_t n, double g
                          double c2, St<Tag>* gs, St<Tag>* gt) {
   using S = St<Tag>;
   using vd = typename V<W>::d;
-  typename V<W>::u ties = {};
-  auto block = [&](const S* ps, const S* pt, S* os, S* ot, auto nt, auto exact) __attribute__((always_inline)) {
+  auto block = [&](const S* ps, const S* pt, S* os, S* ot, auto nt) __attribute__((always_inline)) {
 #pragma GCC unroll 8
     for (int k = 0; k < kLanes / W; ++k) {
       vd sv = load<Tag, W>(ps + k * W), tv = {};
       if constexpr (HAS_T) tv = load<Tag, W>(pt + k * W);
-      constexpr bool nt_ = decltype(nt)::value, exact_ = decltype(exact)::value;
-      if constexpr (GS) store<Tag, W, nt_, exact_>(os + k * W, g * (c0 * sv - c1 * tv), &ties);
-      if constexpr (GT) store<Tag, W, nt_, exact_>(ot + k * W, g * (c2 * tv - c1 * sv), &ties);
+      if constexpr (GS) store<Tag, W, decltype(nt)::value>(os + k * W, g * (c0 * sv - c1 * tv));
+      if constexpr (GT) store<Tag, W, decltype(nt)::value>(ot + k * W, g * (c2 * tv - c1 * sv));
     }
   };
   int64_t i = 0;
-  if constexpr (kFastRound<Tag, W>) {  // groups rounded fast, redone exactly if a tie was flagged
-    constexpr int64_t kGroup = 256;
-    for (; i + kGroup <= n; i += kGroup) {
-      ties = typename V<W>::u{};
-      for (int64_t j = i; j < i + kGroup; j += kLanes)
-        block(s + j, t + j, gs + j, gt + j, std::bool_constant<NT>{}, std::false_type{});
-      if (__builtin_expect(any_set<W>(ties), 0))
-        for (int64_t j = i; j < i + kGroup; j += kLanes)
-          block(s + j, t + j, gs + j, gt + j, std::bool_constant<NT>{}, std::true_type{});
-    }
-  }
-  for (; i + kLanes <= n; i += kLanes) block(s + i, t + i, gs + i, gt + i, std::bool_constant<NT>{}, std::true_type{});
+  for (; i + kLanes <= n; i += kLanes) block(s + i, t + i, gs + i, gt + i, std::bool_constant<NT>{});
   if (i < n) {  // the padded last block goes through local buffers, never streamed
     const int64_t m = n - i;
     S bs[kLanes] = {}, bt[kLanes] = {}, os[kLanes], ot[kLanes];
     std::memcpy(bs, s + i, m * sizeof(S));
     if (HAS_T) std::memcpy(bt, t + i, m * sizeof(S));
-    block(bs, bt, os, ot, std::false_type{}, std::true_type{});
+    block(bs, bt, os, ot, std::false_type{});
     if (GS) std::memcpy(gs + i, os, m * sizeof(S));
     if (GT) std::memcpy(gt + i, ot, m * sizeof(S));
   }
@@ -370,20 +307,18 @@ JF_CLONES(grad, grad_impl,
            St<Tag>* gt, bool stream),
           (s, t, n, g, c0, c1, c2, gs, gt, stream))
 
-// Test hook: the stores' rounding of float64 values to the bf16 / half grid (exact or fast).
-template <int W> JF_INLINE void round_impl(const double* x, float* y, int64_t n, bool bf, bool fast) {
+// Test hook: the stores' rounding of float64 values to the bf16 / half grid.
+template <int W> JF_INLINE void round_impl(const double* x, float* y, int64_t n, bool bf) {
   for (int64_t i = 0; i + W <= n; i += W) {  // n: a multiple of 8
     typename V<W>::d d;
     std::memcpy(&d, x + i, sizeof d);
-    typename V<W>::u ties = {};
-    typename V<W>::f f = bf ? round_via_float<true, W>(d, ties) : round_via_float<false, W>(d, ties);
-    if (!fast || any_set<W>(ties)) f = bf ? round_to_grid<true, W>(d) : round_to_grid<false, W>(d);
+    const typename V<W>::f f = bf ? round_to_grid<true, W>(d) : round_to_grid<false, W>(d);
     std::memcpy(y + i, &f, sizeof f);
   }
 }
-JF_AVX512 void round_avx512(const double* x, float* y, int64_t n, bool bf, bool fast) { round_impl<8>(x, y, n, bf, fast); }
-JF_AVX2 void round_avx2(const double* x, float* y, int64_t n, bool bf, bool fast) { round_impl<4>(x, y, n, bf, fast); }
-void round_base(const double* x, float* y, int64_t n, bool bf, bool fast) { round_impl<2>(x, y, n, bf, fast); }
+JF_AVX512 void round_avx512(const double* x, float* y, int64_t n, bool bf) { round_impl<8>(x, y, n, bf); }
+JF_AVX2 void round_avx2(const double* x, float* y, int64_t n, bool bf) { round_impl<4>(x, y, n, bf); }
+void round_base(const double* x, float* y, int64_t n, bool bf) { round_impl<2>(x, y, n, bf); }
 // ==== end of kernels
 
 int pick_isa() {  // 2 = AVX-512, 1 = AVX2+FMA+F16C, 0 = SSE2; JACFAST_CPU_ISA=avx2|base lowers it
@@ -501,10 +436,9 @@ bool stream_output(int64_t bytes) {
 int64_t grain_for(int64_t item_elems) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, item_elems)); }
 int stats_mode(int64_t kind, bool has_t) { return (kind == 2 || !has_t) ? 2 : (int)kind; }
 
-// _round_to_grid(x float64 (N,), bf16, fast) -> float32 (N,): test hook of the stores' rounding
-// in the clone this machine runs. bf16: the rounded value; half: a float that converts (to
-// nearest even) to the rounded half.
-at::Tensor round_to_grid_op(const at::Tensor& x, bool bf16, bool fast) {
+// _round_to_grid(x float64 (N,), bf16) -> float32 (N,): test hook, the stores' rounding in
+// the clone this machine runs (the value on the bf16 / half grid, as a float).
+at::Tensor round_to_grid_op(const at::Tensor& x, bool bf16) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble && x.dim() == 1,
               "jacfast_cpu._round_to_grid: x must be a 1-D float64 CPU tensor");
   const int64_t n = x.numel(), padded = (n + 7) / 8 * 8;
@@ -512,7 +446,7 @@ at::Tensor round_to_grid_op(const at::Tensor& x, bool bf16, bool fast) {
   in.narrow(0, 0, n).copy_(x);
   const int isa = pick_isa();
   (isa == 2 ? round_avx512 : isa == 1 ? round_avx2 : round_base)(in.data_ptr<double>(), out.data_ptr<float>(),
-                                                                  padded, bf16, fast);
+                                                                  padded, bf16);
   return out.narrow(0, 0, n).clone();
 }
 
@@ -653,7 +587,7 @@ TORCH_LIBRARY(jacfast_cpu, m) {
         "bool need_student, bool need_teacher) -> (Tensor, Tensor)");
   m.def("forward_backward(Tensor student, Tensor? teacher, int kind, int reduction, float eps, float scale) "
         "-> (Tensor, Tensor)");
-  m.def("_round_to_grid(Tensor x, bool bf16, bool fast) -> Tensor");  // test hook
+  m.def("_round_to_grid(Tensor x, bool bf16) -> Tensor");  // test hook
 }
 
 TORCH_LIBRARY_IMPL(jacfast_cpu, CPU, m) {
