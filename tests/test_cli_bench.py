@@ -110,3 +110,20 @@ def test_paired_ratio_interval():
     assert lo <= paired_ratio(raw, "a", "b") <= hi and 1.5 < lo and hi < 2.5
     assert (lo, hi) == paired_ratio_interval(raw, "a", "b")  # fixed seed: reproducible
     assert paired_ratio_interval({"a": [1.0] * 5, "b": [1.0] * 5}, "a", "b") == (1.0, 1.0)
+
+
+def test_measure_blocks_times_every_provider_in_turns():
+    import torch
+
+    from jacfast.bench.timing import measure_blocks
+
+    log = []
+    fns = {name: (lambda arg, _n=name: log.append((_n, arg))) for name in ("a", "b", "c")}
+    setups = {"b": lambda i: ("prepared", i)}
+    timings = measure_blocks(fns, torch.device("cpu"), rounds=3, min_time=0.0, min_repeats=6, warmup=1,
+                             setups=setups)
+    assert all(t.repeats == 6 and t.median >= 0 for t in timings.values())  # 3 rounds x 2 timed calls
+    assert [arg for name, arg in log if name == "b"] == [("prepared", i) for i in range(1 + 3 * 3)]
+    order = [name for name, _ in log[3:]]  # after the warm-up: blocks of 3 calls (1 untimed + 2)
+    blocks = [order[i] for i in range(0, len(order), 3)]
+    assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # the order rotates each round

@@ -8,12 +8,16 @@ implementation moves when the incoming gradient is 1, as here; a forward kernel 
 backward kernel move 5). The floor is that traffic at the bandwidth of a plain copy measured
 in the same run; GB/s is that traffic over the time.
 
-Each provider is timed in its own block of back-to-back calls. Round-robin timing (as the
-selection and training-step benchmarks do) was tried and dropped here: on this project's
-2-core VM any call that follows another provider's (or a 3 ms pause) pays a constant
-~0.4-0.5 ms wake-up, whatever the provider (measured: jacfast +376 us, eager +543 us,
-torch.compile +372 us at 256 x 3072), which swamps millisecond kernels. jacfast-cpu's bwd is almost free when
-its forward already computed the gradient (the fused path of JacobianMatchingFunction).
+Providers are timed in blocks of back-to-back calls that take turns, five rounds, each block
+after one untimed call (:func:`jacfast.bench.timing.measure_blocks`): load that drifts over
+seconds falls on every provider alike. Round-robin calls (as the selection and
+training-step benchmarks do) were tried and dropped here: on this project's 2-core VM any
+call that follows another provider's (or a 3 ms pause) pays a constant ~0.4-0.5 ms
+wake-up, whatever the provider (measured: jacfast +376 us, eager +543 us, torch.compile
++372 us at 256 x 3072), which swamps millisecond kernels; one block per provider left the
+ratios at the mercy of load changes between blocks (the same kernel varied by 20-30%
+between full runs). jacfast-cpu's bwd is almost free when its forward already computed the
+gradient (the fused path of JacobianMatchingFunction).
 
 Peak memory (``peak_mb``) is what one call of the timed mode allocates above what is
 allocated when it starts (:func:`jacfast.bench.timing.peak_bytes`); the inputs are not
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 from jacfast import loss as jloss
 from jacfast import reference, registry
-from jacfast.bench.timing import measure, peak_bytes, rotation_count
+from jacfast.bench.timing import measure, measure_blocks, peak_bytes, rotation_count
 
 SIZES = {
     "quick": [(256, 3072), (16, 3 * 224 * 224)],
@@ -99,7 +103,8 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
                     calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()}
-                    timings = {n: measure(c, device, setup=s) for n, (c, s) in calls.items()}
+                    timings = measure_blocks({n: c for n, (c, _) in calls.items()}, device,
+                                             setups={n: s for n, (_, s) in calls.items() if s})
                     peaks = {n: peak_bytes(c, s(0) if s else 0, device) for n, (c, s) in calls.items()}
                     others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
                     for name, timing in timings.items():

@@ -51,22 +51,68 @@ def measure(fn: Callable[[int], object], device: torch.device, *, min_time: floa
     samples: list[float] = []
     i = warmup
     while len(samples) < max_repeats and (len(samples) < min_repeats or sum(samples) < min_time):
-        arg = prepare(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn(arg)
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(arg)
-            samples.append(time.perf_counter() - t0)
+        samples.append(_time_call(fn, prepare(i), device))
         i += 1
-    samples.sort()
+    return _summary(samples)
+
+
+def _time_call(fn: Callable, arg, device: torch.device) -> float:
+    """Seconds of one call ``fn(arg)``: CUDA events on a GPU, ``perf_counter`` on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn(arg)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - t0
+
+
+def _summary(samples: list[float]) -> Timing:
+    samples = sorted(samples)
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
+
+
+def measure_blocks(fns: dict[str, Callable], device: torch.device, *, rounds: int = 5, min_time: float = 0.5,
+                   min_repeats: int = 10, max_repeats: int = 1000, warmup: int = 3,
+                   setups: Optional[dict[str, Callable]] = None) -> dict[str, Timing]:
+    """Several providers, each as in :func:`measure`, timed in blocks that take turns.
+
+    In each of ``rounds`` rounds every provider (in an order rotated each round) runs one
+    untimed call, then a block of timed calls: its share (1 / rounds) of ``min_repeats`` and
+    ``min_time``. Load that drifts over seconds then falls on every provider's samples alike,
+    as with round-robin calls (:func:`measure_interleaved`), without charging each call the
+    wake-up of switching providers (~0.4 ms on this project's VM; the untimed call takes it).
+    """
+    names = list(fns)
+    setups = setups or {}
+    prepare = {name: setups.get(name) or (lambda i: i) for name in names}
+    index = dict.fromkeys(names, 0)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+
+    def call(name, timed):
+        arg = prepare[name](index[name])
+        index[name] += 1
+        if timed:
+            samples[name].append(_time_call(fns[name], arg, device))
+        else:
+            fns[name](arg)
+
+    for name in names:
+        for _ in range(warmup):
+            call(name, False)
+    for r in range(rounds):
+        share_n, share_t = -(-min_repeats // rounds), min_time / rounds
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call(name, False)
+            block: list[float] = []
+            while len(samples[name]) < max_repeats and (len(block) < share_n or sum(block) < share_t):
+                call(name, True)
+                block.append(samples[name][-1])
+    return {name: _summary(values) for name, values in samples.items()}
 
 
 def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_time: float = 0.5,
@@ -80,7 +126,7 @@ def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_t
     provider's seconds per round, in round order (for :func:`paired_ratio`). ``setups[name]``,
     if given, works as ``setup`` of :func:`measure` for that provider (untimed, just before).
     Caveat: on this project's VM a call that follows another provider's pays a constant
-    wake-up of ~0.4 ms (OpenMP workers, seen at 256 x 3072), so the loss head uses :func:`measure`."""
+    wake-up of ~0.4 ms (OpenMP workers, seen at 256 x 3072), so the loss head uses :func:`measure_blocks`."""
     names = list(fns)
     setups = setups or {}
     prepare = {name: setups.get(name, lambda i: i) for name in names}
@@ -93,27 +139,11 @@ def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_t
                                         or time.perf_counter() - started < min_time * len(names)):
         shift = (i - warmup) % len(names)
         for name in names[shift:] + names[:shift]:
-            arg = prepare[name](i)
-            if device.type == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                begin.record()
-                fns[name](arg)
-                end.record()
-                end.synchronize()
-                samples[name].append(begin.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fns[name](arg)
-                samples[name].append(time.perf_counter() - t0)
+            samples[name].append(_time_call(fns[name], prepare[name](i), device))
         i += 1
     if raw is not None:
         raw.update({name: list(values) for name, values in samples.items()})
-    out = {}
-    for name, values in samples.items():
-        values.sort()
-        out[name] = Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8), len(values))
-    return out
+    return {name: _summary(values) for name, values in samples.items()}
 
 
 def paired_ratio(raw: dict, num: str, den: str) -> float:
