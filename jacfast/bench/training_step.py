@@ -18,6 +18,12 @@ each with its own copy of the same initial student and optimizer, timed round-ro
   from a :class:`jacfast.TeacherCache` built once beforehand over the rotated batches (a
   small fixed data set); its build time is reported as ``cache_build_ms``, not in the step.
 
+``speedup_vs_naive_paired`` is the median over rounds of the naive loop's time over the
+provider's in the same round, with a bootstrap 95% interval (``..._ci95``). The step
+allocates and frees 100-260 MB, so its time depends on the CPU allocator: ``python -m
+jacfast bench --allocator keep`` (default; glibc keeps freed blocks) or ``system`` (untuned,
+every large tensor page-faults again each step); the result file records which.
+
 Peak memory (``peak_mb``) is what one warm step allocates above what is already allocated
 when it starts (parameters, inputs, momentum buffers): ``torch.cuda.max_memory_allocated``
 on a GPU; on a CPU the allocations and frees of the torch CPU allocator recorded by
