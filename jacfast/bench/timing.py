@@ -104,8 +104,8 @@ def measure_blocks(fns: dict[str, Callable], device: torch.device, *, rounds: in
     for name in names:
         for _ in range(warmup):
             call(name, False)
+    share_n, share_t = -(-min_repeats // rounds), min_time / rounds
     for r in range(rounds):
-        share_n, share_t = -(-min_repeats // rounds), min_time / rounds
         for name in names[r % len(names):] + names[:r % len(names)]:
             call(name, False)
             block: list[float] = []
