@@ -97,11 +97,11 @@ def _selection_part(device: str, result: dict, folder: str) -> list[str]:
             strategy_table(result["rows"]), ""]
 
 
-def _training_step_part(device: str, result: dict, folder: str) -> list[str]:
+def _training_step_part(key: tuple, result: dict, folder: str) -> list[str]:
     from jacfast.bench.training_step import table
 
     r0 = result["rows"][0]
-    device, allocator = device
+    device, allocator = key
     title = f"### Distillation training step on {device}" + (f", allocator: {allocator}" if allocator else "")
     return [title, "", _env_line(result, folder), "",
             f"One SGD step of CE + KD + Jacobian matching (teacher {r0['teacher_width']} wide, student "
@@ -115,7 +115,7 @@ def performance_section(folder: str) -> str:
              "medians of many timed calls, all providers of a row measured in the same run._", ""]
     chosen = latest_per_device(results, "loss_head")
     others = {"selection": latest_per_device(results, "selection"),
-              # The step allocates and frees ~100 MB: reported with the allocator tuned and untuned.
+              # The step allocates and frees 100-260 MB: reported with the allocator tuned and untuned.
               "training_step": latest_per_device(results, "training_step", by_allocator=True)}
     if not chosen and not any(others.values()):
         parts.append("No benchmark results are committed yet.")
