@@ -124,13 +124,13 @@ def test_cpu_streaming_stores_write_the_same_values(monkeypatch, dtype, kind):
     status = registry._status_for("cpu", "cpu")
     if not status.available:
         pytest.skip(status.reason)
+    grad_out = torch.full((), 0.75, dtype=dtype)
     for shape in ((7, 3, 1001), (2, 1, 3 * 4096 + 5)):
         student, teacher = make_pair(shape, dtype, "cpu", kind)
         results = {}
         for stream in ("0", str(2**62)):
             monkeypatch.setenv("JACFAST_CPU_STREAM_BYTES", stream)
             for teacher_grad in (False, True):  # fused forward_backward / two-pass backward
-                grad_out = torch.full((), 0.75, dtype=dtype)
                 results[stream, teacher_grad] = loss_and_grads("cpu", student, teacher, kind, "mean", grad_out,
                                                                teacher_grad=teacher_grad)
             assert_matches_oracle("cpu", student, teacher, kind, "mean", teacher_grad=False)

@@ -149,7 +149,11 @@ def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_t
 def paired_ratio(raw: dict, num: str, den: str) -> float:
     """Median over rounds of num's time / den's time in the same round: under a load that
     changes from round to round, steadier than the ratio of the two medians."""
-    return statistics.median(a / b for a, b in zip(raw[num], raw[den]))
+    return statistics.median(_round_ratios(raw, num, den))
+
+
+def _round_ratios(raw: dict, num: str, den: str) -> list[float]:
+    return [a / b for a, b in zip(raw[num], raw[den])]
 
 
 def paired_ratio_interval(raw: dict, num: str, den: str, *, level: float = 0.95, resamples: int = 2000,
@@ -157,7 +161,7 @@ def paired_ratio_interval(raw: dict, num: str, den: str, *, level: float = 0.95,
     """Bootstrap interval (percentile, ``level``) of :func:`paired_ratio`: rounds resampled with
     replacement, a fixed seed so that the same samples give the same interval. An interval
     whose lower end is >= 1 says num is slower than den beyond the round-to-round noise."""
-    ratios = [a / b for a, b in zip(raw[num], raw[den])]
+    ratios = _round_ratios(raw, num, den)
     gen = random.Random(seed)
     medians = sorted(statistics.median(gen.choices(ratios, k=len(ratios))) for _ in range(resamples))
     tail = (1.0 - level) / 2
