@@ -8,7 +8,9 @@
 //   lowers to AVX-512 (W=8), AVX2 (W=4) or SSE2 (W=2); each is compiled as a target clone
 //   and picked once at runtime. The 16 lanes are the same in every clone, so AVX-512 and
 //   AVX2 give identical bits (the SSE2 clone has no FMA and may differ in the last bit).
-// * fp16/bf16: loads are exact; outputs are rounded once, from float64, to the 16-bit grid.
+// * fp16/bf16: loads are exact; outputs are rounded once, from float64, to the 16-bit grid:
+//   in the AVX-512 clone through a float rounded to odd and a hardware conversion
+//   (vcvtps2ph; vcvtneps2bf16 where AVX512_BF16 exists), elsewhere in float64 arithmetic.
 // * forward_backward: a thread forms a row's stats and writes its gradient right away, so
 //   the second read hits L1/L2 (for rows that fit there). Too few rows to keep all threads
 //   busy are split over the threads, which meet at one barrier per row.
@@ -34,13 +36,16 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, at least
 
-int pick_isa() {  // 2 = AVX-512, 1 = AVX2+FMA+F16C, 0 = SSE2; JACFAST_CPU_ISA=avx2|base lowers it
+// 3 = AVX-512 with AVX512_BF16, 2 = AVX-512, 1 = AVX2+FMA+F16C, 0 = SSE2;
+// JACFAST_CPU_ISA=avx512|avx2|base lowers it (tests run every level).
+int pick_isa() {
   __builtin_cpu_init();
   int isa = 0;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) isa = 1;
   if (isa == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
     isa = 2;
+  if (isa == 2 && __builtin_cpu_supports("avx512bf16")) isa = 3;
   const std::string e = std::getenv("JACFAST_CPU_ISA") ? std::getenv("JACFAST_CPU_ISA") : "";
   return std::min(isa, e == "avx512" ? 2 : e == "avx2" ? 1 : e == "base" ? 0 : isa);
 }
@@ -50,7 +55,10 @@ template <class Tag> struct Kernels {
   decltype(&grad_base<Tag>) grad;
   static const Kernels& get() {
     static const int isa = pick_isa();
-    static const Kernels k = isa == 2   ? Kernels{stats_avx512<Tag>, grad_avx512<Tag>}
+    // bf16 gradients with AVX512_BF16: the same loads, stores through vcvtneps2bf16
+    using StoreTag = std::conditional_t<same<Tag, BF16Tag>, BF16HwTag, Tag>;
+    static const Kernels k = isa == 3   ? Kernels{stats_avx512<Tag>, grad_avx512<StoreTag>}
+                             : isa == 2 ? Kernels{stats_avx512<Tag>, grad_avx512<Tag>}
                              : isa == 1 ? Kernels{stats_avx2<Tag>, grad_avx2<Tag>}
                                         : Kernels{stats_base<Tag>, grad_base<Tag>};
     return k;
@@ -158,8 +166,8 @@ at::Tensor round_to_grid_op(const at::Tensor& x, bool bf16) {
   at::Tensor in = at::zeros({padded}, x.options()), out = at::empty({padded}, x.options().dtype(at::kFloat));
   in.narrow(0, 0, n).copy_(x);
   const int isa = pick_isa();
-  (isa == 2 ? round_avx512 : isa == 1 ? round_avx2 : round_base)(in.data_ptr<double>(), out.data_ptr<float>(),
-                                                                  padded, bf16);
+  const auto round = isa == 3 ? round_avx512bf16 : isa == 2 ? round_avx512 : isa == 1 ? round_avx2 : round_base;
+  round(in.data_ptr<double>(), out.data_ptr<float>(), padded, bf16);
   return out.narrow(0, 0, n).clone();
 }
 

@@ -25,15 +25,18 @@ template <int W> struct V {  // native vectors of W doubles: W = 8 (zmm), 4 (ymm
 };
 #define JF_INLINE static inline __attribute__((always_inline))
 
-// Element tags: float, double, HalfTag, BF16Tag, and HalfGrid = float storage holding
-// values already on the half grid (the F16C path below).
-struct HalfTag {}; struct BF16Tag {}; struct HalfGrid {};
+// Element tags: float, double, HalfTag, BF16Tag, BF16HwTag (bf16 whose AVX-512 stores use
+// AVX512_BF16's vcvtneps2bf16: picked at run time where the CPU has it), and HalfGrid = float
+// storage holding values already on the half grid (the F16C path of the AVX2 clone below).
+struct HalfTag {}; struct BF16Tag {}; struct BF16HwTag {}; struct HalfGrid {};
 template <class Tag> struct Storage { using type = Tag; };
 template <> struct Storage<HalfTag> { using type = uint16_t; };
 template <> struct Storage<BF16Tag> { using type = uint16_t; };
+template <> struct Storage<BF16HwTag> { using type = uint16_t; };
 template <> struct Storage<HalfGrid> { using type = float; };
 template <class Tag> using St = typename Storage<Tag>::type;
 template <class A, class B> constexpr bool same = std::is_same_v<A, B>;
+template <class Tag> constexpr bool is_bf16 = same<Tag, BF16Tag> || same<Tag, BF16HwTag>;
 
 // float -> double lane by lane: GCC 12 lowers __builtin_convertvector(v8sf -> v8df) to two
 // halves plus an insert, while this loop becomes one vcvtps2pd.
@@ -50,10 +53,14 @@ template <class Tag, int W> JF_INLINE typename V<W>::d load(const St<Tag>* p) {
     typename v::d d; std::memcpy(&d, p, sizeof d); return d;
   } else if constexpr (same<Tag, float> || same<Tag, HalfGrid>) {
     typename v::f f; std::memcpy(&f, p, sizeof f); return widen<W>(f);
+  } else if constexpr (same<Tag, HalfTag> && W == 8) {  // AVX-512 clone: vcvtph2ps, exact
+    typename v::h h; std::memcpy(&h, p, sizeof h);
+    typename v::f f; asm("vcvtph2ps %1, %0" : "=v"(f) : "v"(h));
+    return widen<W>(f);
   } else {
     typename v::u w = {};
     for (int j = 0; j < W; ++j) w[j] = (uint32_t)p[j] << 16;  // one vpmovzxwd + shift
-    if constexpr (same<Tag, BF16Tag>) return widen<W>((typename v::f)w);
+    if constexpr (is_bf16<Tag>) return widen<W>((typename v::f)w);
     // IEEE half -> float: the fp16 library's exact branch-free formula
     typename v::u sign = w & 0x80000000u, two_w = w + w;
     typename v::f normal = (typename v::f)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
@@ -84,6 +91,62 @@ template <bool BF, int W> JF_INLINE typename V<W>::f round_to_grid(const typenam
   return __builtin_convertvector((typename v::d)u, typename v::f);  // exact
 }
 
+// AVX-512 clone: the same single rounding through a float rounded to odd, in ~3x fewer
+// instructions. Truncate to float (embedded rounding, vcvtpd2ps {rz-sae}) and set its last
+// bit when that dropped a nonzero bit: rounding this float to nearest even on a grid at least
+// 2 bits coarser (bf16: 8 significant bits, half: 11, float: 24) rounds the double once
+// (round-to-odd, Boldo & Melquiond 2008). Where the float is normal, "dropped a nonzero bit"
+// is "the double's low 29 significand bits are not all zero" (one integer test, no second
+// conversion); where it is subnormal that test is wrong, and the callers redo such vectors
+// exactly (bf16; for half they round to zero anyway). Beyond FLT_MAX truncation gives FLT_MAX,
+// odd, which rounds on to inf; NaN stays NaN.
+JF_INLINE V<8>::u round_to_odd_float(const V<8>::d& d) {
+  V<8>::u f;
+  asm("vcvtpd2ps %{rz-sae%}, %[d], %[f]\n\t"
+      "vptestmq %[low], %[d], %%k7\n\t"
+      "vpord %[one], %[f], %[f]%{%%k7%}"
+      : [f] "=&v"(f)
+      : [d] "v"(d), [low] "v"(V<8>::ul{} + 0x1fffffffull), [one] "v"(V<8>::u{} + 1u)
+      : "k7");
+  return f;
+}
+JF_INLINE bool any_subnormal(const V<8>::u& f) {
+  unsigned char m;
+  asm("vfpclassps $0x20, %1, %0" : "=Yk"(m) : "v"(f));
+  return __builtin_expect(m != 0, 0);
+}
+// bf16 of a float rounded to odd: to nearest even on the top 16 bits, by integer arithmetic;
+// a NaN (which could carry into the sign) keeps its top half.
+JF_INLINE V<8>::h bf16_of_odd_float(const V<8>::u& u) {
+  V<8>::u hi, r;
+  asm("vpsrld $16, %[u], %[hi]\n\t"
+      "vpandd %[one], %[hi], %[r]\n\t"
+      "vpaddd %[u], %[r], %[r]\n\t"
+      "vpaddd %[half], %[r], %[r]\n\t"
+      "vpsrld $16, %[r], %[r]\n\t"
+      "vfpclassps $0x81, %[u], %%k7\n\t"  // quiet or signalling NaN
+      "vmovdqa32 %[hi], %[r]%{%%k7%}"
+      : [hi] "=&v"(hi), [r] "=&v"(r)
+      : [u] "v"(u), [one] "v"(V<8>::u{} + 1u), [half] "v"(V<8>::u{} + 0x7fffu)
+      : "k7");
+  return __builtin_convertvector(r, V<8>::h);
+}
+// The 16-bit encodings of 8 doubles, rounded once (AVX-512 clone). A vector with a
+// subnormal float (|d| < 2^-126, bf16 subnormals) takes the exact float64 path.
+template <class Tag> JF_INLINE V<8>::h encode16(const V<8>::d& d) {
+  const V<8>::u u = round_to_odd_float(d);
+  V<8>::h r;
+  if constexpr (is_bf16<Tag>) {
+    if (any_subnormal(u))
+      return __builtin_convertvector((V<8>::u)round_to_grid<true, 8>(d) >> 16, V<8>::h);
+    if constexpr (same<Tag, BF16HwTag>) asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(u));
+    else r = bf16_of_odd_float(u);
+  } else {  // vcvtps2ph, to nearest even (imm 0), subnormals and overflow by the hardware
+    asm("vcvtps2ph $0, %1, %0" : "=v"(r) : "v"(u));
+  }
+  return r;
+}
+
 // put: one vector to memory. NT: a non-temporal (streaming) store, p aligned to the vector's
 // size, in the AVX2 / AVX-512 clones (W >= 4) for 16- to 64-byte vectors (VEX/EVEX vmovntpd;
 // GCC has no generic builtin for it and intrinsics cannot be inlined into these
@@ -101,11 +164,13 @@ template <class Tag, int W, bool NT = false> JF_INLINE void store(St<Tag>* p, co
     put<NT, W>(p, d);
   } else if constexpr (same<Tag, float>) {
     put<NT, W>(p, __builtin_convertvector(d, typename v::f));
+  } else if constexpr ((is_bf16<Tag> || same<Tag, HalfTag>) && W == 8) {
+    put<NT, W>(p, encode16<Tag>(d));
   } else if constexpr (same<Tag, HalfGrid>) {
     typename v::f f = round_to_grid<false, W>(d); std::memcpy(p, &f, sizeof f);
   } else {
-    typename v::u w = (typename v::u)round_to_grid<same<Tag, BF16Tag>, W>(d), r;
-    if constexpr (same<Tag, BF16Tag>) {
+    typename v::u w = (typename v::u)round_to_grid<is_bf16<Tag>, W>(d), r;
+    if constexpr (is_bf16<Tag>) {
       r = w >> 16;  // exact: the low 16 bits are zero (NaN keeps its quiet bit)
     } else {        // re-encode an on-grid float as half, exactly (SSE2 clone, loss output)
       typename v::u a = w & 0x7fffffffu;
@@ -189,7 +254,7 @@ JF_INLINE void stats_impl(const St<Tag>* s, const St<Tag>* t, int64_t D, int64_t
                           double* part) {
   for (int64_t c = cb; c < ce; ++c) {
     const int64_t off = c * kChunk, n = std::min(kChunk, D - off);
-    if constexpr (same<Tag, HalfTag> && W >= 4) {
+    if constexpr (same<Tag, HalfTag> && W == 4) {
       alignas(64) float bs[kChunk], bt[kChunk];
       half_to_float(s + off, bs, n);
       if (mode != 2) half_to_float(t + off, bt, n);
@@ -235,7 +300,7 @@ JF_INLINE void grad_loop(const St<Tag>* s, const St<Tag>* t, int64_t n, double g
 template <class Tag, int W, bool NT>
 JF_INLINE void grad_run(const St<Tag>* s, const St<Tag>* t, int64_t n, double g, double c0, double c1,
                         double c2, St<Tag>* gs, St<Tag>* gt) {
-  if constexpr (same<Tag, HalfTag> && W >= 4) {  // F16C: through float buffers that fit L1
+  if constexpr (same<Tag, HalfTag> && W == 4) {  // F16C: through float buffers that fit L1
     constexpr int64_t B = 1024;
     alignas(64) float bs[B], bt[B], os[B], ot[B];
     for (int64_t i = 0; i < n; i += B) {
@@ -287,18 +352,31 @@ JF_CLONES(grad, grad_impl,
            St<Tag>* gt, bool stream),
           (s, t, n, g, c0, c1, c2, gs, gt, stream))
 
-// Test hook: the stores' rounding of float64 values to the bf16 / half grid.
-template <int W> JF_INLINE void round_impl(const double* x, float* y, int64_t n, bool bf) {
+// Test hook: the stores' rounding of float64 values to the bf16 / half grid, as the kernels
+// store them (16-bit encodings, decoded exactly; half below AVX-512: the float grid values
+// that F16C encodes). BF: the bf16 tag of the clone.
+template <int W, class BF> JF_INLINE void round_impl(const double* x, float* y, int64_t n, bool bf) {
   for (int64_t i = 0; i + W <= n; i += W) {  // n: a multiple of 8
     typename V<W>::d d;
     std::memcpy(&d, x + i, sizeof d);
-    const typename V<W>::f f = bf ? round_to_grid<true, W>(d) : round_to_grid<false, W>(d);
+    uint16_t h[W];
+    typename V<W>::f f;
+    if (bf) {
+      store<BF, W>(h, d);
+      f = __builtin_convertvector(load<BF, W>(h), typename V<W>::f);
+    } else if constexpr (W == 8) {
+      store<HalfTag, W>(h, d);
+      f = __builtin_convertvector(load<HalfTag, W>(h), typename V<W>::f);
+    } else {
+      store<HalfGrid, W>(reinterpret_cast<float*>(&f), d);
+    }
     std::memcpy(y + i, &f, sizeof f);
   }
 }
-JF_AVX512 void round_avx512(const double* x, float* y, int64_t n, bool bf) { round_impl<8>(x, y, n, bf); }
-JF_AVX2 void round_avx2(const double* x, float* y, int64_t n, bool bf) { round_impl<4>(x, y, n, bf); }
-void round_base(const double* x, float* y, int64_t n, bool bf) { round_impl<2>(x, y, n, bf); }
+JF_AVX512 void round_avx512bf16(const double* x, float* y, int64_t n, bool bf) { round_impl<8, BF16HwTag>(x, y, n, bf); }
+JF_AVX512 void round_avx512(const double* x, float* y, int64_t n, bool bf) { round_impl<8, BF16Tag>(x, y, n, bf); }
+JF_AVX2 void round_avx2(const double* x, float* y, int64_t n, bool bf) { round_impl<4, BF16Tag>(x, y, n, bf); }
+void round_base(const double* x, float* y, int64_t n, bool bf) { round_impl<2, BF16Tag>(x, y, n, bf); }
 
 }  // namespace
 }  // namespace jacfast_cpu
