@@ -52,6 +52,16 @@ def _import(name: str) -> tuple[ModuleType | None, str]:
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_error() -> str:
+    """Whether the Triton interpreter runs one probe kernel ("" when it does): once per process."""
+    return importlib.import_module("jacfast.kernels.interpreter_probe").interpreter_error()
+
+
+def _versions(*modules: str) -> str:
+    return ", ".join(f"{m} {getattr(_import(m)[0], '__version__', '?')}" for m in modules)
+
+
 def _status_for(name: str, device_type: str | None) -> BackendStatus:
     """Status of backend ``name`` for tensors on ``device_type`` (None: anywhere)."""
     if name == "torch":
@@ -78,6 +88,10 @@ def _status_for(name: str, device_type: str | None) -> BackendStatus:
             return BackendStatus(name, False, f"triton is not installed ({why})")
         if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
             if _triton_interpreting():
+                why = _interpreter_error()
+                if why:
+                    return BackendStatus(name, False, f"the Triton interpreter cannot run here ({why}); "
+                                         f"{_versions('triton', 'numpy')}")
                 return BackendStatus(name, True, "Triton interpreter (TRITON_INTERPRET=1), CPU tensors")
             return BackendStatus(name, False, "no CUDA GPU; set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors")
         if device_type == "cuda" and not torch.cuda.is_available():

@@ -102,6 +102,25 @@ def test_backends_report_reasons():
         assert entry.available or entry.reason
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter serves CPU tensors only without a GPU")
+def test_triton_interpreter_that_cannot_run_is_unavailable_with_its_error(monkeypatch):
+    if registry._import("triton")[1]:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(registry, "_interpreter_error", lambda: "InterpreterError: TypeError('probe')")
+    status = registry._status_for("triton", "cpu")
+    assert not status.available and "TypeError('probe')" in status.reason and "numpy" in status.reason
+    with pytest.raises(registry.BackendUnavailableError, match="probe"):
+        jacfast.jacobian_matching_loss(torch.randn(2, 1, 3), torch.randn(2, 1, 3), backend="triton")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not registry._triton_interpreting(), reason="needs TRITON_INTERPRET=1")
+def test_interpreter_probe_matches_the_backend_status():
+    from jacfast.kernels import interpreter_probe
+
+    why = interpreter_probe.interpreter_error()
+    assert registry._status_for("triton", "cpu").available == (why == "")
+
+
 @pytest.mark.parametrize("backend,device", kernel_backends())
 def test_fused_gradient_only_when_it_will_be_used(backend, device, monkeypatch):
     """The eager path computes the gradient in the forward (fused backends) only under grad
