@@ -24,7 +24,7 @@ def _loop_sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 def interpreter_error() -> str:
-    """"" when the interpreter runs the probe exactly, else what went wrong."""
+    """The empty string when the interpreter runs the probe exactly, else what went wrong."""
     x = torch.arange(1, 21, dtype=torch.float64)
     out = torch.empty(1, dtype=torch.float64)
     try:
