@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 export JACFAST_BUILD_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: venv build test bench check compat data experiments clean
+.PHONY: venv build test bench check compat compat-python data experiments clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt
@@ -39,6 +39,8 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 # python3.12 on the PATH, else a pyenv-installed 3.12
 COMPAT_PYTHON ?= $(shell (python3.12 -c 'import sys; print(sys.executable)' || \
 	PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.12' | tail -n 1) python3.12 -c 'import sys; print(sys.executable)') 2>/dev/null)
+compat-python:  # which Python 3.12 `make compat` would use (empty: none)
+	@echo $(COMPAT_PYTHON)
 compat:
 	@test -x $(COMPAT_PY) || test -n "$(COMPAT_PYTHON)" || { echo "make compat needs Python 3.12 (python3.12 or pyenv)"; exit 1; }
 	test -x $(COMPAT_PY) || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
