@@ -37,7 +37,7 @@ namespace {
 constexpr int64_t kGrain = 32768;  // elements per parallel task, at least
 
 // 3 = AVX-512 with AVX512_BF16, 2 = AVX-512, 1 = AVX2+FMA+F16C, 0 = SSE2;
-// JACFAST_CPU_ISA=avx512|avx2|base lowers it (tests run every level).
+// JACFAST_CPU_ISA=avx512bf16|avx512|avx2|base lowers it (tests run every level).
 int pick_isa() {
   __builtin_cpu_init();
   int isa = 0;
@@ -47,7 +47,7 @@ int pick_isa() {
     isa = 2;
   if (isa == 2 && __builtin_cpu_supports("avx512bf16")) isa = 3;
   const std::string e = std::getenv("JACFAST_CPU_ISA") ? std::getenv("JACFAST_CPU_ISA") : "";
-  return std::min(isa, e == "avx512" ? 2 : e == "avx2" ? 1 : e == "base" ? 0 : isa);
+  return std::min(isa, e == "avx512bf16" ? 3 : e == "avx512" ? 2 : e == "avx2" ? 1 : e == "base" ? 0 : isa);
 }
 
 template <class Tag> struct Kernels {
