@@ -14,7 +14,6 @@ import torch
 from jacfast import registry
 
 LEVELS = ("avx512bf16", "avx512", "avx2", "base")  # the widest first; a level the CPU lacks runs a narrower one
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CHILD = """
 import sys, torch
 from jacfast import registry
