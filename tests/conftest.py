@@ -32,6 +32,25 @@ def kernel_backends():
     return params
 
 
+@pytest.fixture(autouse=DEVICE.type == "cuda")
+def poisoned_cuda_cache():
+    """On a GPU, fill the caching allocator's free memory with NaN before each test.
+
+    Kernels write their outputs into ``torch.empty`` memory, which on a GPU is whatever a
+    freed tensor left there; NaN there makes an element a kernel forgets to write fail the
+    comparison with the reference instead of passing on stale or zero bytes. One 256 MiB
+    block for large requests (they split it) and whole 2 MiB segments of the small pool
+    (requests up to 1 MiB), freed again so that the test's allocations reuse them.
+    """
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    nan = float("nan")
+    large = torch.full((64 * 2**20,), nan, device="cuda")
+    small = [torch.full((2**17,), nan, device="cuda") for _ in range(16)]  # 512 KiB each: 4 fill a segment
+    del large, small
+    yield
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow (large memory or time)")
 

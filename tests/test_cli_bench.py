@@ -127,3 +127,107 @@ def test_measure_blocks_times_every_provider_in_turns():
     order = [name for name, _ in log[3:]]  # after the warm-up: blocks of 3 calls (1 untimed + 2)
     blocks = [order[i] for i in range(0, len(order), 3)]
     assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # the order rotates each round
+
+
+def test_time_budget_spent_before_a_benchmark_starts_skips_it(tmp_path):
+    result = run_cli("bench", "--suite", "smoke", "--threads", "1", "--only", "training_step", "selection",
+                     "--time-budget", "1e-9", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # --only runs in the order given; neither starts, and no file claims to be a result.
+    out = result.stdout
+    assert 0 <= out.index("training_step: not started") < out.index("selection: not started")
+    assert list(tmp_path.glob("*.json")) == []
+    bad = run_cli("bench", "--suite", "smoke", "--time-budget", "0", "--out", str(tmp_path))
+    assert bad.returncode != 0 and "--time-budget" in bad.stderr
+
+
+class _BudgetAfter:
+    """A TimeBudget that expires at its (n + 1)-th check."""
+
+    def __init__(self, n: int):
+        from jacfast.bench.timing import TimeBudget
+
+        self.budget, self.left = TimeBudget(None), n
+
+    def expired(self) -> bool:
+        self.left -= 1
+        self.budget.skipped = self.budget.skipped or self.left < 0
+        return self.budget.skipped
+
+
+def test_benchmarks_stop_at_their_budget_between_configurations():
+    import torch
+
+    from jacfast.bench import loss_head, selection
+
+    cpu = torch.device("cpu")
+    budget = _BudgetAfter(1)
+    rows = loss_head.run([(4, 8), (2, 16), (3, 5)], cpu, progress=None, budget=budget)
+    assert {(r["rows"], r["dim"]) for r in rows} == {(4, 8)} and budget.budget.skipped  # one size, then stop
+    rows = selection.run("smoke", cpu, budget=_BudgetAfter(1))
+    assert [r["op"] for r in rows] == ["topk_seeds"] * len(rows) and len({r["k"] for r in rows}) == 1
+    complete = _BudgetAfter(10)
+    assert len(loss_head.run([(4, 8)], cpu, budget=complete)) > 0 and not complete.budget.skipped
+
+
+def test_result_file_is_readable_while_the_run_goes_on(tmp_path):
+    from jacfast.cli.bench import ResultFile
+
+    env = {"device": "Some GPU (x)", "timestamp": "2026-12-01T00:00:00+00:00"}
+    result = ResultFile(str(tmp_path), "loss_head", "full", env, every=0.0)
+    result.add({"a": 1})
+    partial = json.loads(open(result.path).read())  # a kill now leaves this
+    assert partial["rows"] == [{"a": 1}] and partial["complete"] is False
+    result.add({"a": 2})
+    assert result.finish() == result.path
+    done = json.loads(open(result.path).read())
+    assert done["rows"] == [{"a": 1}, {"a": 2}] and done["complete"] is True and done["stopped"] is None
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(result.path)]  # no .tmp left behind
+
+
+def test_time_budget_expires():
+    import time
+
+    from jacfast.bench.timing import TimeBudget
+
+    assert not TimeBudget(None).expired() and not TimeBudget(60).expired()
+    budget = TimeBudget(0.01)
+    time.sleep(0.02)
+    assert budget.expired() and budget.skipped
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="time budget"):
+            TimeBudget(bad)
+
+
+def _loss_head_result(device_type: str, timestamp: str, *, complete=True, rows=((4096, 4096, 1.1),)) -> dict:
+    """A loss-head result file's content: one jacfast row per (R, D, x floor), fwd+bwd."""
+    device = "Some GPU" if device_type == "cuda" else "Some CPU"
+    out = []
+    for r, d, vs_floor in rows:
+        base = {"op": "loss_head", "kind": "normalized", "dtype": "float32", "mode": "fwd+bwd", "rows": r, "dim": d,
+                "median_ms": 1.0, "gbps": 100.0, "vs_floor": vs_floor, "speedup_vs_eager": 7.0,
+                "speedup_vs_compile": 2.0, "speedup_vs_best_other": 2.0, "peak_mb": 1.0}
+        out += [{**base, "provider": "jacfast-cuda"}, {**base, "provider": "eager", "vs_floor": 7.7}]
+    return {"benchmark": "loss_head", "suite": "full", "complete": complete,
+            "stopped": None if complete else "time budget of 100 s reached",
+            "environment": {"device": device, "device_type": device_type, "torch": "2.11", "triton": "3.6",
+                            "python": "3.12", "git_revision": "abc", "timestamp": timestamp}, "rows": out}
+
+
+def test_report_prefers_complete_runs_and_labels_incomplete_ones(tmp_path):
+    from jacfast.bench import report
+
+    def write(name, data):
+        (tmp_path / name).write_text(json.dumps(data))
+
+    write("a.json", _loss_head_result("cuda", "2026-12-01T10:00:00+00:00", complete=False))
+    section = report.performance_section(str(tmp_path))
+    assert "**Incomplete run** (time budget of 100 s reached)" in section  # the only GPU run: shown, labelled
+    write("b.json", _loss_head_result("cuda", "2026-12-01T09:00:00+00:00", rows=((4096, 4096, 1.25),)))
+    section = report.performance_section(str(tmp_path))
+    assert "Incomplete" not in section and "/b.json`" in section  # an older complete run wins
+    # GPU targets: the bandwidth column counts R * D >= 1e7 only (1 / 1.25 = 80 %).
+    assert "GPU targets" in section and "| normalized | float32 | cuda | 1 | 7.0 | 2.00 | 80 |" in section
+    write("c.json", {**_loss_head_result("cuda", "2026-12-01T11:00:00+00:00"), "rows": [
+        {**row, "mode": "fwd"} for row in _loss_head_result("cuda", "x")["rows"]]})
+    assert "/b.json`" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped

@@ -25,14 +25,14 @@ counted, the gradient is.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from jacfast import loss as jloss
 from jacfast import reference, registry
-from jacfast.bench.timing import measure, measure_blocks, peak_bytes, rotation_count
+from jacfast.bench.timing import TimeBudget, measure, measure_blocks, peak_bytes, rotation_count
 
 SIZES = {
     "quick": [(256, 3072), (16, 3 * 224 * 224)],
@@ -40,6 +40,10 @@ SIZES = {
     "full-cuda": [(8192, 784), (16384, 3072), (1024, 150528), (16, 150528), (6644, 150528)],
     "smoke": [(8, 50), (2, 1000)],
 }
+# measure_blocks settings: timed seconds per provider and mode. CUDA events time each call to
+# about a microsecond and GPU medians move by a few percent at most, so 0.15 s (do_bench's
+# default is 0.1 s) suffices there and keeps the full sweep inside a device lease.
+BLOCK_TIMING = {"cpu": {"min_time": 0.5, "min_repeats": 10}, "cuda": {"min_time": 0.15, "min_repeats": 10}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Full-tensor passes each mode must make: (with a teacher, without one for kind="norm").
 PASSES = {"fwd": (2, 1), "bwd": (3, 2), "fwd+bwd": (3, 2)}
@@ -85,12 +89,15 @@ def _copy_bandwidth(numel: int, dtype, device, sets: int) -> float:
 
 
 def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("normalized",), dtypes=("float32",),
-        modes=("fwd+bwd",), progress=None) -> list[dict]:
+        modes=("fwd+bwd",), progress=None, budget: Optional[TimeBudget] = None) -> list[dict]:
+    """Rows of every (kind, dtype, size, mode, provider); stops early when ``budget`` expires."""
     rows_out = []
-    for kind in kinds:
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
+    for dtype_name in dtypes:  # dtype outermost: a run cut short by its budget has whole dtypes
+        dtype = DTYPES[dtype_name]
+        for kind in kinds:
             for rows, dim in sizes:
+                if budget is not None and budget.expired():
+                    return rows_out
                 torch._dynamo.reset()  # a fresh compile per shape: no recompile limits, no stale guards
                 funcs = providers(device, kind)
                 itemsize = torch.empty((), dtype=dtype).element_size()
@@ -104,7 +111,8 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
                     calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()}
                     timings = measure_blocks({n: c for n, (c, _) in calls.items()}, device,
-                                             setups={n: s for n, (_, s) in calls.items() if s})
+                                             setups={n: s for n, (_, s) in calls.items() if s},
+                                             **BLOCK_TIMING[device.type])
                     peaks = {n: peak_bytes(c, s(0) if s else 0, device) for n, (c, s) in calls.items()}
                     others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
                     for name, timing in timings.items():

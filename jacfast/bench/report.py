@@ -22,21 +22,39 @@ def load_results(folder: str) -> list[dict]:
     return sorted(results, key=lambda d: d["environment"]["timestamp"])
 
 
+def is_complete(result: dict) -> bool:
+    """Whether every configuration of the run was measured (files written before the flag
+    existed were only ever written complete)."""
+    return result.get("complete", True)
+
+
 def latest_per_device(results: list[dict], benchmark: str, suites=("full", "quick"), *,
-                      by_allocator: bool = False) -> dict:
+                      by_allocator: bool = False, having=None) -> dict:
     """device (or (device, allocator) with ``by_allocator``) -> newest result of ``benchmark``,
-    preferring the first suite in ``suites`` that exists."""
-    mine = [r for r in results if r.get("benchmark") == benchmark and r.get("suite") in suites]
-    best_suite: dict = {}  # device -> index in suites of the best suite it has
+    preferring the first suite in ``suites`` that exists, then a complete run to one stopped
+    early (a lent device's time budget); ``having(result)``, if given, must hold."""
+    def key(r):
+        env = r["environment"]
+        return (env["device"], env.get("allocator")) if by_allocator else env["device"]
+
+    def rank(r):
+        return suites.index(r["suite"]), not is_complete(r)
+
+    mine = [r for r in results if r.get("benchmark") == benchmark and r.get("suite") in suites and r["rows"]
+            and (having is None or having(r))]
+    best: dict = {}  # per device (with by_allocator too: one suite for all its allocators)
     for r in mine:
         device = r["environment"]["device"]
-        best_suite[device] = min(best_suite.get(device, len(suites)), suites.index(r["suite"]))
+        best[device] = min(best.get(device, rank(r)), rank(r))
     chosen: dict = {}
-    for r in mine:  # oldest first: the newest of the best suite wins
-        env = r["environment"]
-        if suites.index(r["suite"]) == best_suite[env["device"]]:
-            chosen[(env["device"], env.get("allocator")) if by_allocator else env["device"]] = r
+    for r in mine:  # oldest first: the newest of the best rank wins
+        if rank(r) == best[r["environment"]["device"]]:
+            chosen[key(r)] = r
     return chosen
+
+
+def _has_fwd_bwd(result: dict) -> bool:
+    return any(r["mode"] == "fwd+bwd" for r in result["rows"])
 
 
 def loss_head_table(result: dict) -> str:
@@ -56,24 +74,38 @@ def loss_head_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# R * D from which the GPU bandwidth target applies.
+GPU_BANDWIDTH_MIN_ELEMENTS = 10**7
+
+
 def loss_head_targets(result: dict) -> str:
     """Per kind and dtype, the worst fwd+bwd ratio of each jacfast backend over the sweep."""
+    gpu = result["environment"].get("device_type") == "cuda"
     worst: dict = {}
     for r in result["rows"]:
         if r["mode"] != "fwd+bwd" or not r["provider"].startswith("jacfast-"):
             continue
         key = (r["kind"], r["dtype"], r["provider"][8:])
-        w = worst.setdefault(key, {"eager": float("inf"), "compile": float("inf"), "floor": 0.0, "n": 0})
+        w = worst.setdefault(key, {"eager": float("inf"), "compile": float("inf"), "floor": 0.0, "big": 0.0, "n": 0})
         w["eager"] = min(w["eager"], r["speedup_vs_eager"])
         w["compile"] = min(w["compile"], r["speedup_vs_compile"])
         w["floor"] = max(w["floor"], r["vs_floor"])
+        if r["rows"] * r["dim"] >= GPU_BANDWIDTH_MIN_ELEMENTS:
+            w["big"] = max(w["big"], r["vs_floor"])
         w["n"] += 1
-    lines = ["Worst case over the sweep below (the CPU targets, fp32: >= 8x eager, >= 1.5x torch.compile, "
-             "<= 2x the floor):", "",
-             "| kind | dtype | backend | sizes | min x eager | min x torch.compile | max x floor |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    if gpu:
+        lines = ["Worst case over the sweep below (the GPU targets, fp32 and bf16: >= 6x eager, >= 1.5x "
+                 "torch.compile, >= 85% of the copy bandwidth for R * D >= 1e7):", "",
+                 "| kind | dtype | backend | sizes | min x eager | min x torch.compile | min % of copy bandwidth, "
+                 "R * D >= 1e7 |", "|---|---|---|---:|---:|---:|---:|"]
+    else:
+        lines = ["Worst case over the sweep below (the CPU targets, fp32: >= 8x eager, >= 1.5x torch.compile, "
+                 "<= 2x the floor):", "",
+                 "| kind | dtype | backend | sizes | min x eager | min x torch.compile | max x floor |",
+                 "|---|---|---|---:|---:|---:|---:|"]
     for (kind, dtype, backend), w in worst.items():
-        lines.append(f"| {kind} | {dtype} | {backend} | {w['n']} | {w['eager']:.1f} | {w['compile']:.2f} | {w['floor']:.2f} |")
+        last = (f"{100 / w['big']:.0f}" if w["big"] else "") if gpu else f"{w['floor']:.2f}"
+        lines.append(f"| {kind} | {dtype} | {backend} | {w['n']} | {w['eager']:.1f} | {w['compile']:.2f} | {last} |")
     return "\n".join(lines)
 
 
@@ -81,8 +113,12 @@ def _env_line(result: dict, folder: str) -> str:
     env = result["environment"]
     rel = os.path.relpath(result["path"], os.path.dirname(folder.rstrip("/")) or ".")
     allocator = f", allocator: {env['allocator']}" if env.get("allocator") else ""
-    return (f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}, revision {env['git_revision']}, "
+    line = (f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}, revision {env['git_revision']}, "
             f"{env['timestamp']}{allocator} (suite `{result['suite']}`, file `{rel}`).")
+    if not is_complete(result):
+        line += (f" **Incomplete run** ({result.get('stopped') or 'stopped early'}): the tables show the "
+                 f"{len(result['rows'])} rows it measured.")
+    return line
 
 
 def _selection_part(device: str, result: dict, folder: str) -> list[str]:
@@ -113,7 +149,7 @@ def performance_section(folder: str) -> str:
     results = load_results(folder)
     parts = [BEGIN, "", "_Generated by `python benchmarks/report.py` from the result files under `benchmarks/results/`; "
              "medians of many timed calls, all providers of a row measured in the same run._", ""]
-    chosen = latest_per_device(results, "loss_head")
+    chosen = latest_per_device(results, "loss_head", having=_has_fwd_bwd)
     others = {"selection": latest_per_device(results, "selection"),
               # The step allocates and frees 100-260 MB: reported with the allocator tuned and untuned.
               "training_step": latest_per_device(results, "training_step", by_allocator=True)}
@@ -153,7 +189,8 @@ def plot(folder: str, out_dir: str | None = None) -> list[str]:
 
     written = []
     out_dir = out_dir or folder
-    for device, result in latest_per_device(load_results(folder), "loss_head").items():
+    loss_head = latest_per_device(load_results(folder), "loss_head", having=_has_fwd_bwd)
+    for device, result in loss_head.items():
         groups = defaultdict(list)
         for r in result["rows"]:
             if r["mode"] == "fwd+bwd":
@@ -177,7 +214,7 @@ def plot(folder: str, out_dir: str | None = None) -> list[str]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
-    for device, result in latest_per_device(load_results(folder), "loss_head").items():
+    for device, result in loss_head.items():
         rows = [r for r in result["rows"] if r["mode"] == "fwd+bwd" and r["kind"] == "normalized"
                 and r["dtype"] == "float32" and r.get("peak_mb") is not None]
         written += _memory_bars(plt, rows, lambda r: f"{r['rows']}x{r['dim']}", "peak MB above the inputs (fwd+bwd)",

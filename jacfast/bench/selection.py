@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 import torch
 from torch import nn
 
 from jacfast import registry
-from jacfast.bench.timing import Timing, measure_interleaved, paired_ratio, rotation_count
+from jacfast.bench.timing import TimeBudget, Timing, measure_interleaved, paired_ratio, rotation_count
 from jacfast.jacobians import STRATEGIES, StrategyCache, input_jacobians, strategy_cache
 from jacfast.ops.topk_seeds import topk_seeds
 from jacfast.selection import select
@@ -47,7 +48,15 @@ TIMING = {
     "full": {"min_time": 2.0, "min_repeats": 30, "warmup": 3},
     "smoke": {"min_time": 0.0, "min_repeats": 2, "warmup": 1},
 }
+# On a GPU, CUDA events time each call to about a microsecond: 0.5 s per provider (hundreds
+# of calls at these sizes) keeps the full suite inside a device lease.
+TIMING_CUDA = {**TIMING, "full": {"min_time": 0.5, "min_repeats": 30, "warmup": 3}}
 NAIVE = "torch.topk+scatter"
+
+
+def timing_for(suite: str, device: torch.device) -> dict:
+    """measure_interleaved settings of ``suite`` on ``device`` (also used by the training step)."""
+    return (TIMING_CUDA if device.type == "cuda" else TIMING)[suite]
 
 
 def _timing_fields(timing: Timing) -> dict:
@@ -90,9 +99,12 @@ def topk_providers(device: torch.device) -> dict:
     return found
 
 
-def run_topk(sizes, device: torch.device, *, timing: dict, progress=None) -> list[dict]:
+def run_topk(sizes, device: torch.device, *, timing: dict, progress=None,
+             budget: Optional[TimeBudget] = None) -> list[dict]:
     rows_out = []
     for batch, classes, k in sizes:
+        if budget is not None and budget.expired():
+            break
         funcs = topk_providers(device)
         sets = rotation_count(batch * classes * 4, device)
         inputs = [torch.randn(batch, classes, device=device) for _ in range(sets)]
@@ -128,12 +140,15 @@ def _jacobian_call(model, xs, k: int, create_graph: bool, strategy: str, params)
     return call
 
 
-def run_strategies(setup: dict, device: torch.device, *, timing: dict, progress=None) -> list[dict]:
+def run_strategies(setup: dict, device: torch.device, *, timing: dict, progress=None,
+                   budget: Optional[TimeBudget] = None) -> list[dict]:
     batch, shape, width = setup["batch"], tuple(setup["shape"]), setup["width"]
     sets = rotation_count(batch * math.prod(shape) * 4, device)
     rows_out = []
     for k in setup["ks"]:
         for create_graph in (False, True):
+            if budget is not None and budget.expired():
+                return rows_out
             torch.manual_seed(0)
             # A fresh model per row: a new key for auto, so its first call really times the candidates.
             model = small_cnn(width, channels=shape[0]).to(device).train(create_graph)
@@ -178,10 +193,10 @@ def run_strategies(setup: dict, device: torch.device, *, timing: dict, progress=
     return rows_out
 
 
-def run(suite: str, device: torch.device, *, progress=None) -> list[dict]:
-    timing = TIMING[suite]
-    return (run_topk(TOPK_SIZES[suite], device, timing=timing, progress=progress)
-            + run_strategies(STRATEGY_SETUPS[suite], device, timing=timing, progress=progress))
+def run(suite: str, device: torch.device, *, progress=None, budget: Optional[TimeBudget] = None) -> list[dict]:
+    timing = timing_for(suite, device)
+    return (run_topk(TOPK_SIZES[suite], device, timing=timing, progress=progress, budget=budget)
+            + run_strategies(STRATEGY_SETUPS[suite], device, timing=timing, progress=progress, budget=budget))
 
 
 # ----------------------------------------------------------------------------- tables

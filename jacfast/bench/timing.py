@@ -146,6 +146,28 @@ def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_t
     return {name: _summary(values) for name, values in samples.items()}
 
 
+class TimeBudget:
+    """When a benchmark stops starting new configurations (``bench --time-budget``).
+
+    A device lent for minutes must come back with results: a benchmark asks ``expired()``
+    before each configuration (size, dtype, K ...) and returns what it measured so far once
+    it says True; ``skipped`` then records that the run is incomplete. ``seconds=None``:
+    no limit.
+    """
+
+    def __init__(self, seconds: Optional[float] = None):
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"the time budget must be a positive number of seconds, got {seconds!r}")
+        self.seconds = seconds
+        self._end = None if seconds is None else time.monotonic() + seconds
+        self.skipped = False
+
+    def expired(self) -> bool:
+        if self._end is not None and time.monotonic() >= self._end:
+            self.skipped = True
+        return self.skipped
+
+
 def paired_ratio(raw: dict, num: str, den: str) -> float:
     """Median over rounds of num's time / den's time in the same round: under a load that
     changes from round to round, steadier than the ratio of the two medians."""

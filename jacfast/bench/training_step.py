@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from jacfast import reference
-from jacfast.bench.selection import TIMING, _sync, _timing_fields, small_cnn
-from jacfast.bench.timing import measure_interleaved, paired_ratio, paired_ratio_interval, peak_bytes, rotation_count
+from jacfast.bench.selection import _sync, _timing_fields, small_cnn, timing_for
+from jacfast.bench.timing import (TimeBudget, measure_interleaved, paired_ratio, paired_ratio_interval, peak_bytes,
+                                  rotation_count)
 from jacfast.jacobians import strategy_cache
 from jacfast.losses import DistillationLoss
 from jacfast.teacher_cache import TeacherCache
@@ -117,11 +118,14 @@ def _step_fn(name, student, teacher, data, k, cache=None):
     return step, extra
 
 
-def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | None = None) -> list[dict]:
-    setup, timing = SETUPS[suite], TIMING[suite]
+def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | None = None,
+        budget: TimeBudget | None = None) -> list[dict]:
+    setup, timing = SETUPS[suite], timing_for(suite, device)
     batch, shape, width, classes = setup["batch"], tuple(setup["shape"]), setup["width"], setup["classes"]
     rows_out = []
     for k in setup["ks"]:
+        if budget is not None and budget.expired():
+            break
         torch.manual_seed(0)
         teacher = small_cnn(TEACHER_WIDTH * width, classes, shape[0]).to(device).eval().requires_grad_(False)
         base_student = small_cnn(width, classes, shape[0]).to(device).train()

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from typing import Optional
 
 import torch
 
 from jacfast.bench import loss_head, selection, training_step
-from jacfast.bench.timing import SYSTEM_ALLOCATOR, environment, keep_freed_memory
+from jacfast.bench.timing import SYSTEM_ALLOCATOR, TimeBudget, environment, keep_freed_memory
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 BENCHMARKS = ("loss_head", "selection", "training_step")
@@ -31,11 +33,15 @@ def register(subparsers) -> None:
                         help="what to time (quick: fwd+bwd; full and smoke: fwd bwd fwd+bwd)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="BENCHMARK",
-                        help=f"run only these benchmarks, of {', '.join(BENCHMARKS)} (default: all)")
+                        help=f"run only these benchmarks, in this order, of {', '.join(BENCHMARKS)} (default: all, "
+                        "in that order)")
     parser.add_argument("--allocator", choices=("keep", "system"), default="keep",
                         help="CPU runs: 'keep' (default) makes glibc keep freed blocks < 32 MiB for reuse, so "
                         "timings do not depend on page faults of fresh allocations; 'system' leaves the allocator "
                         "as it is, as in a training script that does not tune it")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop starting new configurations once SECONDS have passed since the command started "
+                        "(for a lent device); what was measured is written, the file marked incomplete")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for CPU runs (default: torch's); on a shared, loaded machine "
                         "1 avoids OpenMP barrier stalls; the thread count is part of the recorded device name")
@@ -54,39 +60,71 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(out: str, benchmark: str, suite: str, env: dict, rows: list[dict]) -> str:
-    os.makedirs(out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
-    path = os.path.join(out, f"{benchmark}-{suite}-{slug}-{env['timestamp'].replace(':', '')}.json")
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"benchmark": benchmark, "suite": suite, "environment": env, "rows": rows}, handle, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+class ResultFile:
+    """One benchmark's JSON result file, rewritten (atomically) as rows arrive.
+
+    Rows are written at most every ``every`` seconds while the benchmark runs, with
+    ``"complete": false``, so a run killed at a device's time limit still leaves the rows
+    it measured; ``finish`` writes them all and ``"complete"``: whether every configuration
+    ran (``"stopped"`` says why not).
+    """
+
+    def __init__(self, out: str, benchmark: str, suite: str, env: dict, *, every: float = 5.0):
+        os.makedirs(out, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+        self.path = os.path.join(out, f"{benchmark}-{suite}-{slug}-{env['timestamp'].replace(':', '')}.json")
+        self.head = {"benchmark": benchmark, "suite": suite, "environment": env}
+        self.rows: list[dict] = []
+        self.every, self._written = every, time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if time.monotonic() - self._written >= self.every:
+            self._write(complete=False, stopped="the run ended before the benchmark finished")
+
+    def finish(self, stopped: Optional[str] = None) -> str:
+        self._write(complete=stopped is None, stopped=stopped)
+        return self.path
+
+    def _write(self, *, complete: bool, stopped: Optional[str]) -> None:
+        with open(self.path + ".tmp", "w") as handle:
+            json.dump({**self.head, "complete": complete, "stopped": stopped, "rows": self.rows}, handle, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+        self._written = time.monotonic()
 
 
-def _run_loss_head(args, device, env) -> None:
+def _finish(result: ResultFile, budget: TimeBudget) -> None:
+    stopped = f"time budget of {budget.seconds:g} s reached" if budget.skipped else None
+    print(f"\nwrote {result.finish(stopped)}" + (f" (incomplete: {stopped})" if stopped else ""))
+
+
+def _run_loss_head(args, device, env, budget: TimeBudget) -> None:
     full = args.suite == "full"
     sizes = loss_head.SIZES["full-cuda" if full and device.type == "cuda" else args.suite]
     kinds = args.kinds or (["normalized", "squared", "norm"] if full else ["normalized"])
     dtypes = args.dtypes or (["float32", "bfloat16", "float16"] if full else ["float32"])
     modes = args.modes or (["fwd+bwd"] if args.suite == "quick" else ["fwd", "bwd", "fwd+bwd"])
     print(f"  the floor is the traffic of each mode at the copy bandwidth measured in this run\n", flush=True)
+    result = ResultFile(args.out, "loss_head", args.suite, env)
 
     def progress(row):
+        result.add(row)
         print(f"  {row['kind']:10s} {row['dtype']:8s} {row['mode']:7s} R={row['rows']:<5d} D={row['dim']:<7d} "
               f"{row['provider']:15s} {row['median_ms']:9.3f} ms  {row['gbps']:7.1f} GB/s  "
               f"x eager {row['speedup_vs_eager']:6.2f}  x compile {row['speedup_vs_compile']:5.2f}  "
               f"peak {row['peak_mb']:7.1f} MB", flush=True)
 
-    rows = loss_head.run(sizes, device, kinds=kinds, dtypes=dtypes, modes=modes, progress=progress)
+    rows = loss_head.run(sizes, device, kinds=kinds, dtypes=dtypes, modes=modes, progress=progress, budget=budget)
     print("\n" + _table(rows))
-    print(f"\nwrote {_write(args.out, 'loss_head', args.suite, env, rows)}")
+    _finish(result, budget)
 
 
-def _run_selection(args, device, env) -> None:
+def _run_selection(args, device, env, budget: TimeBudget) -> None:
     print("\nselection: top-k seeds vs torch.topk + scatter; input_jacobians strategies (auto warmed up)", flush=True)
+    result = ResultFile(args.out, "selection", args.suite, env)
 
     def progress(row):
+        result.add(row)
         if row["op"] == "topk_seeds":
             print(f"  topk_seeds B={row['batch']:<5d} C={row['classes']:<6d} K={row['k']:<3d} {row['provider']:20s} "
                   f"{row['median_ms']:9.4f} ms  x naive {row['speedup_vs_naive']:5.2f}", flush=True)
@@ -100,23 +138,25 @@ def _run_selection(args, device, env) -> None:
                   f"{row['median_ms']:9.3f} ms  / best fixed {row['vs_best_fixed']:5.3f} "
                   f"(paired {row['vs_best_fixed_paired']:5.3f}){first}", flush=True)
 
-    rows = selection.run(args.suite, device, progress=progress)
+    rows = selection.run(args.suite, device, progress=progress, budget=budget)
     print("\n" + selection.topk_table(rows) + "\n\n" + selection.strategy_table(rows))
-    print(f"\nwrote {_write(args.out, 'selection', args.suite, env, rows)}")
+    _finish(result, budget)
 
 
-def _run_training_step(args, device, env) -> None:
+def _run_training_step(args, device, env, budget: TimeBudget) -> None:
     print("\ntraining_step: distillation step (teacher 4x wider) vs the naive per-class loop and a KD step", flush=True)
+    result = ResultFile(args.out, "training_step", args.suite, env)
 
     def progress(row):
+        result.add(row)
         mb = "    n/a" if row["peak_mb"] is None else f"{row['peak_mb']:7.1f}"
         print(f"  K={row['k']:<3d} {row['provider']:14s} {row['median_ms']:9.1f} ms  x naive "
               f"{row['speedup_vs_naive']:5.2f} (paired {row['speedup_vs_naive_paired']:5.2f})  "
               f"x floor {row['vs_floor']:5.2f}  peak {mb} MB", flush=True)
 
-    rows = training_step.run(args.suite, device, progress=progress)
+    rows = training_step.run(args.suite, device, progress=progress, budget=budget)
     print("\n" + training_step.table(rows))
-    print(f"\nwrote {_write(args.out, 'training_step', args.suite, env, rows)}")
+    _finish(result, budget)
 
 
 def run(args) -> int:
@@ -127,17 +167,23 @@ def run(args) -> int:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    try:
+        budget = TimeBudget(args.time_budget)
+    except ValueError as exc:
+        raise SystemExit(f"--time-budget: {exc}") from None
     if device.type == "cuda":
         allocator = "torch CUDA caching allocator"
     else:
         allocator = keep_freed_memory() if args.allocator == "keep" else SYSTEM_ALLOCATOR
-    only = args.only or BENCHMARKS
+    only = list(dict.fromkeys(args.only or BENCHMARKS))
     env = environment(device)
     print(f"jacfast bench: suite={args.suite} on {env['device']} (torch {env['torch']}, triton {env['triton']}; "
           f"allocator: {allocator})", flush=True)
     runners = {"loss_head": _run_loss_head, "selection": _run_selection, "training_step": _run_training_step}
-    for name in BENCHMARKS:
-        if name in only:
-            # each file: when its own benchmark started
-            runners[name](args, device, {**environment(device), "allocator": allocator})
+    for name in only:
+        if budget.expired():
+            print(f"\n{name}: not started, the time budget of {budget.seconds:g} s is spent", flush=True)
+            continue
+        # each file: when its own benchmark started
+        runners[name](args, device, {**environment(device), "allocator": allocator}, budget)
     return 0
