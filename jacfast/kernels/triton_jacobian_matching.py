@@ -5,8 +5,9 @@ forward          : 2 launches. Stage 1, grid (row blocks, SPLITS), writes float6
                    splits in a fixed order, computes loss and coef, and for reduction 1 sums
                    the rows in one program (fixed lane layout + pairwise tree).
 backward         : 1 elementwise launch, float64 math, rounded once to the input dtype.
-forward_backward : forward then backward with grad_loss = 1 (3 launches; on GPU this reads
-                   student/teacher twice, unlike a fused single-pass kernel).
+forward_backward : rows of up to 4096 elements in one split: one fused launch reads each row
+                   once and writes its gradient, then the finishing kernel (2 launches, 3 passes);
+                   longer rows: forward then backward with grad_loss = 1 (3 launches, 5 passes).
 topk_seeds       : re-exported from triton_topk_seeds (where the registry looks for it).
 
 Determinism: every reduction is a sequential loop or a pairwise halving tree whose shape is
@@ -149,6 +150,34 @@ def _partials_kernel(s_ptr, t_ptr, ws_ptr, R, D, CHUNK, S, RS,
         tl.store(ws_ptr + RS + (RS + q), _tree_sum(acc_c, RB, BLOCK, LOG2_BLOCK), mask=rmask)
 
 
+@triton.jit
+def _row_terms(a, b, c, eps, KIND: tl.constexpr):
+    # Per-row loss and backward coefficients from the float64 sums (csrc/README.md): one
+    # definition for the finishing and the fused kernel, so both round alike.
+    if KIND == 0:
+        ns = tl.sqrt(a)
+        nt = tl.sqrt(b)
+        # max(n, eps) that keeps NaN (a plain maximum may return eps for NaN)
+        as_ = tl.where(ns > eps, ns, tl.where(ns != ns, ns, eps))
+        at_ = tl.where(nt > eps, nt, tl.where(nt != nt, nt, eps))
+        cos = c / (as_ * at_)
+        loss = a / (as_ * as_) + b / (at_ * at_) - 2.0 * cos
+        c0 = 2.0 * tl.where(ns > eps, cos, 1.0) / (as_ * as_)
+        c1 = 2.0 / (as_ * at_)
+        c2 = 2.0 * tl.where(nt > eps, cos, 1.0) / (at_ * at_)
+    elif KIND == 1:
+        loss = a
+        c0 = tl.zeros_like(a) + 2.0
+        c1 = c0
+        c2 = c0
+    else:
+        loss = a
+        c0 = tl.zeros_like(a) + 2.0
+        c1 = tl.zeros_like(a)
+        c2 = c1
+    return loss, c0, c1, c2
+
+
 @triton.jit(do_not_specialize=["eps_bits", "scale_bits"])
 def _finish_kernel(ws_ptr, loss_ptr, coef_ptr, R, S, RS, rows_per_prog, eps_bits, scale_bits,
                    KIND: tl.constexpr, REDUCTION: tl.constexpr, RND: tl.constexpr,
@@ -178,27 +207,7 @@ def _finish_kernel(ws_ptr, loss_ptr, coef_ptr, R, S, RS, rows_per_prog, eps_bits
                 b += _tree_sum(tl.load(ws_ptr + RS + q, mask=m, other=0.0), FIN_RB, SB, LOG2_SB)
                 c += _tree_sum(tl.load(ws_ptr + RS + (RS + q), mask=m, other=0.0),
                                FIN_RB, SB, LOG2_SB)
-        if KIND == 0:
-            ns = tl.sqrt(a)
-            nt = tl.sqrt(b)
-            # max(n, eps) that keeps NaN (a plain maximum may return eps for NaN)
-            as_ = tl.where(ns > eps, ns, tl.where(ns != ns, ns, eps))
-            at_ = tl.where(nt > eps, nt, tl.where(nt != nt, nt, eps))
-            cos = c / (as_ * at_)
-            loss = a / (as_ * as_) + b / (at_ * at_) - 2.0 * cos
-            c0 = 2.0 * tl.where(ns > eps, cos, 1.0) / (as_ * as_)
-            c1 = 2.0 / (as_ * at_)
-            c2 = 2.0 * tl.where(nt > eps, cos, 1.0) / (at_ * at_)
-        elif KIND == 1:
-            loss = a
-            c0 = tl.full([FIN_RB], 2.0, tl.float64)
-            c1 = c0
-            c2 = c0
-        else:
-            loss = a
-            c0 = tl.full([FIN_RB], 2.0, tl.float64)
-            c1 = tl.zeros([FIN_RB], dtype=tl.float64)
-            c2 = c1
+        loss, c0, c1, c2 = _row_terms(a, b, c, eps, KIND)
         tl.store(coef_ptr + rows * 3, c0, mask=rmask)
         tl.store(coef_ptr + rows * 3 + 1, c1, mask=rmask)
         tl.store(coef_ptr + rows * 3 + 2, c2, mask=rmask)
@@ -245,11 +254,84 @@ def _backward_kernel(s_ptr, t_ptr, coef_ptr, g_ptr, g_stride, gs_ptr, gt_ptr, R,
         tl.store(gt_ptr + offs, _rounded(g * (c2 * t - c1 * s), gt_ptr, RND), mask=m)
 
 
+@triton.jit
+def _chunk_sum(x, RB: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
+    # x [RB, NB * BLOCK] -> [RB, BLOCK]: the lane sums 0 + chunk 0 (+ chunk 1) that
+    # _partials_kernel's loop forms over a row of NB <= 2 blocks. (c0 + c1) + 0 has the bits
+    # of (0 + c0) + c1, signed zeros included.
+    if NB == 1:
+        acc = x + 0.0
+    else:
+        acc = tl.sum(tl.reshape(x, [RB, 2, BLOCK]), axis=1) + 0.0
+    return acc
+
+
+@triton.jit(do_not_specialize=["eps_bits", "scale_bits"])
+def _fused_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, eps_bits, scale_bits,
+                  KIND: tl.constexpr, HAS_T: tl.constexpr, REDUCTION: tl.constexpr, RND: tl.constexpr,
+                  BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr):
+    # forward_backward for rows of at most NB * BLOCK elements (one split): each program reads
+    # its RB whole rows once, forms the row sums exactly as _partials_kernel does (same lanes,
+    # same chunk order, same tree), writes them to the workspace for _finish_kernel (loss),
+    # and writes the gradient (grad_loss = 1) from the rows it holds in registers.
+    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
+    cols = tl.arange(0, NB * BLOCK)
+    rmask = rows < R
+    m = rmask[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float64)
+    if HAS_T:
+        t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float64)
+    else:
+        t = tl.zeros([RB, NB * BLOCK], dtype=tl.float64)
+    zero = tl.zeros([RB], dtype=tl.float64)
+    if KIND == 0:
+        a = _tree_sum(_chunk_sum(s * s, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        b = _tree_sum(_chunk_sum(t * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        c = _tree_sum(_chunk_sum(s * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        tl.store(ws_ptr + R + rows, b, mask=rmask)
+        tl.store(ws_ptr + R + (R + rows), c, mask=rmask)
+    else:
+        if KIND == 1:  # squared: (s - t)^2 directly, never ss + tt - 2st
+            d = s - t
+        else:  # norm: s^2
+            d = s
+        a = _tree_sum(_chunk_sum(d * d, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        b = zero
+        c = zero
+    tl.store(ws_ptr + rows, a, mask=rmask)
+    # _finish_kernel with one split adds each sum to 0.0; so does this, for the same bits.
+    _, c0, c1, c2 = _row_terms(zero + a, zero + b, zero + c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True),
+                               KIND)
+    if REDUCTION == 0:
+        g = 1.0
+    else:
+        g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    tl.store(gs_ptr + offs, _rounded(g * (c0[:, None] * s - c1[:, None] * t), gs_ptr, RND), mask=m)
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, g_ptr, g_stride, R, D, RND: tl.constexpr, BD: tl.constexpr,
+                             RB: tl.constexpr):
+    # x[r, :] *= g[r * g_stride] in place, rounded once; a tile whose rows all have g == 1
+    # reads and writes nothing. Lets a fused forward's gradient be scaled without first
+    # asking the host whether the upstream gradient is 1 (a device sync).
+    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
+    cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    rmask = rows < R
+    g = tl.load(g_ptr + rows * g_stride, mask=rmask, other=1.0).to(tl.float64)
+    if tl.sum(tl.where(g == 1.0, 0, 1), axis=0) > 0:  # NaN counts as != 1
+        m = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        tl.store(x_ptr + offs, _rounded(x * g[:, None], x_ptr, RND), mask=m)
+
+
 # Autotuned wrappers exist only for compiled runs; under the interpreter one config is used.
 # Configs only vary TILE (tile height = TILE // block width) and num_warps, which never change
 # the result (see module docstring). TILE >= the largest block width so TILE // width >= 1.
 if _INTERPRET:
-    _partials_tuned = _backward_tuned = None
+    _partials_tuned = _backward_tuned = _fused_tuned = None
 else:
     _partials_tuned = triton.autotune(
         configs=[triton.Config({"TILE": tl_}, num_warps=w)
@@ -261,9 +343,20 @@ else:
                  for tl_, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))],
         key=["D", "REDUCTION", "HAS_T", "NEED_S", "NEED_T", "G_ONE"],
     )(_backward_kernel)
+    # RB (rows per program) and num_warps: speed only, rows never share a sum. For 4096-element
+    # fp32 rows, ptxas (sm_90) gives 238 / 144 / 80 / 128 registers and no spills to these four;
+    # RB = 2 with 4 warps spilled (728 bytes of stack).
+    _fused_tuned = triton.autotune(
+        configs=[triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 4), (1, 8), (1, 16), (2, 16))],
+        key=["D", "KIND", "HAS_T", "REDUCTION", "RND"],
+    )(_fused_kernel)
 
 _INTERP_PARTIALS_TILE = 4096
 _INTERP_BWD_TILE = 4096
+_INTERP_FUSED_RB = 2
+# forward_backward fuses rows of up to 2 blocks (4096 elements), held in registers; more
+# would need a sequential sum over the chunks, which a register tile does not give cheaply.
+_FUSED_MAX_BLOCKS = 2
 
 
 def forward(student, teacher, kind: int, reduction: int, eps: float, scale: float):
@@ -282,6 +375,12 @@ def forward(student, teacher, kind: int, reduction: int, eps: float, scale: floa
     else:
         _partials_tuned[lambda m: (triton.cdiv(R, m["TILE"] // block), splits)](*args, **meta)
 
+    return _finish(ws, R, splits, kind, reduction, eps, scale, student)
+
+
+def _finish(ws, R: int, splits: int, kind: int, reduction: int, eps: float, scale: float, student):
+    """Loss and coef from the workspace of row sums (nq, R, splits)."""
+    dev = student.device
     coef = torch.empty((R, 3), dtype=torch.float64, device=dev)
     loss = torch.empty((R,) if reduction == 0 else (), dtype=student.dtype, device=dev)
     # Fixed (untuned) shapes: they define the summation tree. Reduction 1 runs as a single
@@ -335,8 +434,44 @@ def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
 
 
 def forward_backward(student, teacher, kind: int, reduction: int, eps: float, scale: float):
-    """forward + backward(grad_loss = 1). Not fused: on GPU the inputs are read twice."""
-    loss, coef = forward(student, teacher, kind, reduction, eps, scale)
-    grad_student, _ = backward(None, student, teacher if kind != 2 else None, coef, reduction,
-                               scale, True, False)
-    return loss, grad_student
+    """forward + backward(grad_loss = 1), the same bits as the two.
+
+    Rows that forward sums in one split of at most _FUSED_MAX_BLOCKS blocks are read once
+    (_fused_kernel, then the finishing kernel: 3 passes over memory); longer or split rows
+    run forward, then backward, which reads the inputs a second time (5 passes).
+    """
+    R, D = student.shape
+    dev = student.device
+    block, splits, _ = _plan(R, D, dev)
+    nb = _next_pow2(triton.cdiv(D, block))
+    if splits > 1 or nb > _FUSED_MAX_BLOCKS:
+        loss, coef = forward(student, teacher, kind, reduction, eps, scale)
+        grad_student, _ = backward(None, student, teacher if kind != 2 else None, coef, reduction,
+                                   scale, True, False)
+        return loss, grad_student
+    has_t = teacher is not None and kind != 2
+    t = teacher if has_t else student  # dummy pointer, never read when HAS_T is False
+    ws = torch.empty((3 if kind == 0 else 1, R, 1), dtype=torch.float64, device=dev)
+    gs = torch.empty((R, D), dtype=student.dtype, device=dev)
+    args = (student, t, ws, gs, R, D, _f64_bits(eps), _f64_bits(scale))
+    meta = dict(KIND=kind, HAS_T=has_t, REDUCTION=reduction, RND=_rnd(student.dtype), BLOCK=block,
+                LOG2_BLOCK=block.bit_length() - 1, NB=nb)
+    if _fused_tuned is None:
+        _fused_kernel[(triton.cdiv(R, _INTERP_FUSED_RB),)](*args, **meta, RB=_INTERP_FUSED_RB, num_warps=4)
+    else:
+        _fused_tuned[lambda m: (triton.cdiv(R, m["RB"]),)](*args, **meta)
+    loss, _ = _finish(ws, R, 1, kind, reduction, eps, scale, student)
+    return loss, gs
+
+
+def scale_unless_one_(grad, grad_loss, reduction: int):
+    """grad (R, D) *= grad_loss (per row for reduction 0, else the scalar), in place, rounded
+    once; skipped on the device for rows whose grad_loss is 1, so no device sync is needed."""
+    R, D = grad.shape
+    g = grad_loss.reshape(R) if reduction == 0 else grad_loss.reshape(())
+    g_stride = g.stride(0) if reduction == 0 else 0
+    bd = min(_next_pow2(D), _BWD_MAX_BD)
+    rb = max(1, _INTERP_BWD_TILE // bd)
+    _scale_unless_one_kernel[(triton.cdiv(R, rb), triton.cdiv(D, bd))](
+        grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4)
+    return grad

@@ -21,9 +21,10 @@ from jacfast import registry
 
 KINDS = {"normalized": 0, "squared": 1, "norm": 2}
 REDUCTION_NONE, REDUCTION_SCALED_SUM = 0, 1
-# Backends whose forward_backward reads each row from memory once (the CPU kernel writes a
-# row's gradient while the row is in cache); the GPU ones run forward, then backward.
-FUSED_BACKENDS = frozenset({"cpu"})
+# Backends whose forward_backward reads each row from memory once: the CPU kernel writes a
+# row's gradient while the row is in cache, the Triton one from registers (rows of up to 4096
+# elements; longer rows run forward, then backward). The CUDA one runs forward, then backward.
+FUSED_BACKENDS = frozenset({"cpu", "triton"})
 
 
 def _kernels(backend: str):
@@ -106,6 +107,19 @@ def _backward(ctx, grad_loss, _grad_coef):
 torch.library.register_autograd("jacfast::jacobian_matching_fwd", _backward, setup_context=_setup_context)
 
 
+def _scale_by_upstream_(grad: Tensor, grad_loss: Tensor, reduction: int) -> None:
+    """grad *= grad_loss (per row for reduction none), in place; nothing to do when it is 1.
+
+    On the CPU, asking is free; on a GPU, ``.item()`` would stall the host until the device
+    catches up, so a Triton kernel skips the tiles whose grad_loss is 1 on the device.
+    """
+    if grad_loss.device.type == "cpu":
+        if not (grad_loss.ndim == 0 and grad_loss.item() == 1.0):
+            grad.mul_(grad_loss.view(-1, 1) if reduction == REDUCTION_NONE else grad_loss)
+    else:
+        _kernels("triton").scale_unless_one_(grad, grad_loss.to(grad.dtype), reduction)
+
+
 class JacobianMatchingFunction(torch.autograd.Function):
     """The ops' autograd formula for eager calls: same kernels, less overhead, fewer passes.
 
@@ -117,7 +131,8 @@ class JacobianMatchingFunction(torch.autograd.Function):
     Fused path (FUSED_BACKENDS, float32/float64, only the student needs a gradient: the
     training case): the forward runs ``forward_backward``, one pass that reads each row once
     and writes its gradient, and keeps that gradient. The first backward hands the buffer
-    over, scaled in place by the incoming gradient unless that is a CPU scalar equal to 1:
+    over, scaled in place by the incoming gradient unless that is 1 (on a GPU the check runs
+    on the device, see ``_scale_by_upstream_``):
     3 passes over memory (5 when scaled), against 5 for forward + backward; the scaling
     rounds a second time, so gradients may differ from the ops' in the last bit. The buffer is
     never returned twice (autograd may accumulate into a returned gradient in place): a
@@ -158,8 +173,7 @@ class JacobianMatchingFunction(torch.autograd.Function):
         nones = (None,) * 6
         if ctx.gradient is not None:  # fused forward: hand its gradient over, once
             grad, ctx.gradient = ctx.gradient, None
-            if not (grad_loss.ndim == 0 and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-                grad.mul_(grad_loss.view(-1, 1) if ctx.reduction == REDUCTION_NONE else grad_loss)
+            _scale_by_upstream_(grad, grad_loss, ctx.reduction)
             return (grad, None) + nones
         kernels = _kernels(ctx.backend)
         saved = ctx.saved_tensors
