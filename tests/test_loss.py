@@ -140,6 +140,32 @@ def test_cpu_streaming_stores_write_the_same_values(monkeypatch, dtype, kind):
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_has_the_bits_of_forward_then_backward(backend, device, dtype):
+    """The kernel contract: forward_backward = forward + backward(grad_loss = 1), bit for bit,
+    on rows short and long, single and multi-chunk, split or not (fused or not)."""
+    from jacfast import registry
+
+    kernels = registry.kernels(backend, "jacobian_matching")
+    for rows, dim in ((17, 784), (5, 3072), (3, 4101), (2, 20000), (40, 1)):
+        for kind_name, kind in (("normalized", 0), ("squared", 1), ("norm", 2)):
+            s, t = make_pair((rows, dim), dtype, device, kind_name)
+            for reduction in (0, 1):
+                assert_forward_backward_bits(kernels, s, t, kind, reduction)
+
+
+def assert_forward_backward_bits(kernels, s, t, kind: int, reduction: int) -> None:
+    """forward_backward of a kernel namespace against its forward, then backward(ones)."""
+    rows, scale = s.shape[0], 1 / s.shape[0]
+    loss, grad = kernels.forward_backward(s, t, kind, reduction, 1e-12, scale)
+    loss2, coef = kernels.forward(s, t, kind, reduction, 1e-12, scale)
+    ones = torch.ones((rows,) if reduction == 0 else (), dtype=s.dtype, device=s.device)
+    grad2, _ = kernels.backward(ones, s, t, coef, reduction, scale, True, False)
+    where = (tuple(s.shape), s.dtype, kind, reduction)
+    assert torch.equal(loss, loss2) and torch.equal(grad, grad2), where
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
 def test_backward_twice_with_retained_graph(backend, device):
     """A second backward sees the same gradient: the first one must not consume saved state."""
     student, teacher = make_pair((4, 2, 33), torch.float64, device, "normalized")
