@@ -1,4 +1,4 @@
-"""Test-suite set-up: Triton runs through its interpreter where there is no GPU.
+"""Test-suite set-up: Triton runs through its interpreter where there is no GPU, untuned.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
 """
@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One fixed config per Triton kernel: tuning each of hundreds of test shapes would take minutes
+# of a GPU lease (configs never change the bits; the benchmarks tune and check the results).
+os.environ.setdefault("JACFAST_TRITON_AUTOTUNE", "0")
 
 from jacfast import registry  # noqa: E402  (after TRITON_INTERPRET)
 

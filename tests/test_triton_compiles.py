@@ -4,8 +4,8 @@ The interpreter that runs the Triton tests here executes the kernels' Python, no
 compiler: an op the compiler rejects, a type it cannot infer or a layout it cannot build
 would first show on a lent GPU, whose minutes are few. Triton compiles ahead of time for a
 named target with the ptxas it ships, so this checks (in a child process, since the test
-session has TRITON_INTERPRET set) that each kernel reaches a cubin, and that the fused
-kernel's largest tile does not spill registers.
+session has TRITON_INTERPRET set) that each kernel reaches a cubin with every config it
+runs with (autotuned and fixed), and that the fused kernel's largest tile does not spill.
 """
 import json
 import os
@@ -41,22 +41,28 @@ def compile_(fn, sig, consts, num_warps=4):
     results.append({"kernel": fn.__name__, "consts": consts, "num_warps": num_warps, "stack": stack})
 
 rows = {"R": "i64", "D": "i64"}
+def configs(tuned, fixed):  # every (constexprs, num_warps) the kernel runs with
+    return [(c.kwargs, c.num_warps) for c in tuned] + [fixed]
+
 for dt, rnd in (("fp32", 0), ("bf16", 2), ("fp16", 1), ("fp64", 0)):
-    compile_(jm._partials_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", **rows, "CHUNK": "i64",
-             "S": "i64", "RS": "i64"}, {"KIND": 0, "HAS_T": True, "BLOCK": 2048, "LOG2_BLOCK": 11, "TILE": 4096})
+    for cfg, warps in configs(jm.PARTIALS_CONFIGS, jm.FIXED["partials"]):
+        compile_(jm._partials_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", **rows, "CHUNK": "i64",
+                 "S": "i64", "RS": "i64"}, {"KIND": 0, "HAS_T": True, "BLOCK": 2048, "LOG2_BLOCK": 11, **cfg}, warps)
     compile_(jm._finish_kernel, {"ws_ptr": "*fp64", "loss_ptr": PTR(dt), "coef_ptr": "*fp64", "R": "i64", "S": "i64",
              "RS": "i64", "rows_per_prog": "i64", "eps_bits": "i64", "scale_bits": "i64"},
              {"KIND": 0, "REDUCTION": 1, "RND": rnd, "FIN_RB": 2048, "LOG2_FIN_RB": 11, "SB": 1, "LOG2_SB": 0},
              num_warps=16)
-    compile_(jm._backward_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "coef_ptr": "*fp64", "g_ptr": PTR(dt),
-             "g_stride": "i64", "gs_ptr": PTR(dt), "gt_ptr": PTR(dt), **rows, "scale_bits": "i64"},
-             {"REDUCTION": 0, "HAS_T": True, "NEED_S": True, "NEED_T": True, "RND": rnd, "G_ONE": False,
-              "BD": 1024, "TILE": 4096})
+    for cfg, warps in configs(jm.BACKWARD_CONFIGS, jm.FIXED["backward"]):
+        compile_(jm._backward_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "coef_ptr": "*fp64", "g_ptr": PTR(dt),
+                 "g_stride": "i64", "gs_ptr": PTR(dt), "gt_ptr": PTR(dt), **rows, "scale_bits": "i64"},
+                 {"REDUCTION": 0, "HAS_T": True, "NEED_S": True, "NEED_T": True, "RND": rnd, "G_ONE": False,
+                  "BD": 1024, **cfg}, warps)
     for kind in (0, 1, 2):
-        compile_(jm._fused_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", "gs_ptr": PTR(dt), **rows,
-                 "eps_bits": "i64", "scale_bits": "i64"},
-                 {"KIND": kind, "HAS_T": kind != 2, "REDUCTION": 1, "RND": rnd, "BLOCK": 2048, "LOG2_BLOCK": 11,
-                  "NB": 2, "RB": 1}, num_warps=16)
+        for cfg, warps in configs(jm.FUSED_CONFIGS, jm.FIXED["fused"]) if kind == 0 else [jm.FIXED["fused"]]:
+            compile_(jm._fused_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", "gs_ptr": PTR(dt),
+                     **rows, "eps_bits": "i64", "scale_bits": "i64"},
+                     {"KIND": kind, "HAS_T": kind != 2, "REDUCTION": 1, "RND": rnd, "BLOCK": 2048, "LOG2_BLOCK": 11,
+                      "NB": 2, **cfg}, warps)
     compile_(jm._scale_unless_one_kernel, {"x_ptr": PTR(dt), "g_ptr": PTR(dt), "g_stride": "i64", **rows},
              {"RND": rnd, "BD": 1024, "RB": 4})
     compile_(tk._topk_seeds_kernel, {"x_ptr": PTR(dt), "idx_ptr": "*i64", "seeds_ptr": PTR(dt), "B": "i64",
@@ -68,7 +74,8 @@ print(json.dumps(results))
 def test_every_triton_kernel_compiles_for_sm90():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env={**env, "PYTHONPATH": ROOT,
+                          "JACFAST_TRITON_AUTOTUNE": "1"},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -327,33 +327,27 @@ def _scale_unless_one_kernel(x_ptr, g_ptr, g_stride, R, D, RND: tl.constexpr, BD
         tl.store(x_ptr + offs, _rounded(x * g[:, None], x_ptr, RND), mask=m)
 
 
-# Autotuned wrappers exist only for compiled runs; under the interpreter one config is used.
-# Configs only vary TILE (tile height = TILE // block width) and num_warps, which never change
-# the result (see module docstring). TILE >= the largest block width so TILE // width >= 1.
-if _INTERPRET:
-    _partials_tuned = _backward_tuned = _fused_tuned = None
+# Configs only vary the tile height (TILE // block width, or RB) and num_warps, which never
+# change the result (see module docstring); TILE >= the largest block width so TILE // width
+# >= 1. For 4096-element fp32 rows, ptxas (sm_90) gives the fused kernel 238 / 144 / 80 / 128
+# registers and no spills with these four; RB = 2 with 4 warps spilled (728 bytes of stack).
+PARTIALS_CONFIGS = [triton.Config({"TILE": tile}, num_warps=w)
+                    for tile, w in ((2048, 4), (2048, 8), (2048, 16), (4096, 8), (4096, 16))]
+BACKWARD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=w) for tile, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
+FUSED_CONFIGS = [triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 4), (1, 8), (1, 16), (2, 16))]
+# One config each where nothing is tuned: under the interpreter, and with
+# JACFAST_TRITON_AUTOTUNE=0 (the test suite: hundreds of shapes, each tuned over 4-5 compiled
+# configs, would take a GPU lease's minutes; the benchmarks tune, and check the results).
+FIXED = {"partials": ({"TILE": 4096}, 4), "backward": ({"TILE": 4096}, 4), "fused": ({"RB": 1}, 8)}
+AUTOTUNE = not _INTERPRET and os.environ.get("JACFAST_TRITON_AUTOTUNE", "1").strip() != "0"
+if AUTOTUNE:
+    _partials_tuned = triton.autotune(configs=PARTIALS_CONFIGS, key=["D", "CHUNK", "KIND", "HAS_T"])(_partials_kernel)
+    _backward_tuned = triton.autotune(configs=BACKWARD_CONFIGS,
+                                      key=["D", "REDUCTION", "HAS_T", "NEED_S", "NEED_T", "G_ONE"])(_backward_kernel)
+    _fused_tuned = triton.autotune(configs=FUSED_CONFIGS, key=["D", "KIND", "HAS_T", "REDUCTION", "RND"])(_fused_kernel)
 else:
-    _partials_tuned = triton.autotune(
-        configs=[triton.Config({"TILE": tl_}, num_warps=w)
-                 for tl_, w in ((2048, 4), (2048, 8), (2048, 16), (4096, 8), (4096, 16))],
-        key=["D", "CHUNK", "KIND", "HAS_T"],
-    )(_partials_kernel)
-    _backward_tuned = triton.autotune(
-        configs=[triton.Config({"TILE": tl_}, num_warps=w)
-                 for tl_, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))],
-        key=["D", "REDUCTION", "HAS_T", "NEED_S", "NEED_T", "G_ONE"],
-    )(_backward_kernel)
-    # RB (rows per program) and num_warps: speed only, rows never share a sum. For 4096-element
-    # fp32 rows, ptxas (sm_90) gives 238 / 144 / 80 / 128 registers and no spills to these four;
-    # RB = 2 with 4 warps spilled (728 bytes of stack).
-    _fused_tuned = triton.autotune(
-        configs=[triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 4), (1, 8), (1, 16), (2, 16))],
-        key=["D", "KIND", "HAS_T", "REDUCTION", "RND"],
-    )(_fused_kernel)
+    _partials_tuned = _backward_tuned = _fused_tuned = None
 
-_INTERP_PARTIALS_TILE = 4096
-_INTERP_BWD_TILE = 4096
-_INTERP_FUSED_RB = 2
 # forward_backward fuses rows of up to 2 blocks (4096 elements), held in registers; more
 # would need a sequential sum over the chunks, which a register tile does not give cheaply.
 _FUSED_MAX_BLOCKS = 2
@@ -370,8 +364,9 @@ def forward(student, teacher, kind: int, reduction: int, eps: float, scale: floa
     args = (student, t, ws, R, D, chunk, splits, R * splits)
     meta = dict(KIND=kind, HAS_T=has_t, BLOCK=block, LOG2_BLOCK=block.bit_length() - 1)
     if _partials_tuned is None:
-        grid = (triton.cdiv(R, _INTERP_PARTIALS_TILE // block), splits)
-        _partials_kernel[grid](*args, **meta, TILE=_INTERP_PARTIALS_TILE, num_warps=4)
+        cfg, warps = FIXED["partials"]
+        grid = (triton.cdiv(R, cfg["TILE"] // block), splits)
+        _partials_kernel[grid](*args, **meta, **cfg, num_warps=warps)
     else:
         _partials_tuned[lambda m: (triton.cdiv(R, m["TILE"] // block), splits)](*args, **meta)
 
@@ -425,8 +420,9 @@ def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
     meta = dict(REDUCTION=reduction, HAS_T=has_t, NEED_S=need_s, NEED_T=need_t,
                 RND=_rnd(dtype), G_ONE=g_one, BD=bd)
     if _backward_tuned is None:
-        grid = (triton.cdiv(R, _INTERP_BWD_TILE // bd), triton.cdiv(D, bd))
-        _backward_kernel[grid](*args, **meta, TILE=_INTERP_BWD_TILE, num_warps=4)
+        cfg, warps = FIXED["backward"]
+        grid = (triton.cdiv(R, cfg["TILE"] // bd), triton.cdiv(D, bd))
+        _backward_kernel[grid](*args, **meta, **cfg, num_warps=warps)
     else:
         _backward_tuned[lambda m: (triton.cdiv(R, m["TILE"] // bd), triton.cdiv(D, bd))](
             *args, **meta)
@@ -457,7 +453,8 @@ def forward_backward(student, teacher, kind: int, reduction: int, eps: float, sc
     meta = dict(KIND=kind, HAS_T=has_t, REDUCTION=reduction, RND=_rnd(student.dtype), BLOCK=block,
                 LOG2_BLOCK=block.bit_length() - 1, NB=nb)
     if _fused_tuned is None:
-        _fused_kernel[(triton.cdiv(R, _INTERP_FUSED_RB),)](*args, **meta, RB=_INTERP_FUSED_RB, num_warps=4)
+        cfg, warps = FIXED["fused"]
+        _fused_kernel[(triton.cdiv(R, cfg["RB"]),)](*args, **meta, **cfg, num_warps=warps)
     else:
         _fused_tuned[lambda m: (triton.cdiv(R, m["RB"]),)](*args, **meta)
     loss, _ = _finish(ws, R, 1, kind, reduction, eps, scale, student)
@@ -471,7 +468,7 @@ def scale_unless_one_(grad, grad_loss, reduction: int):
     g = grad_loss.reshape(R) if reduction == 0 else grad_loss.reshape(())
     g_stride = g.stride(0) if reduction == 0 else 0
     bd = min(_next_pow2(D), _BWD_MAX_BD)
-    rb = max(1, _INTERP_BWD_TILE // bd)
+    rb = max(1, FIXED["backward"][0]["TILE"] // bd)
     _scale_unless_one_kernel[(triton.cdiv(R, rb), triton.cdiv(D, bd))](
         grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4)
     return grad
