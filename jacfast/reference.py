@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracle for the Jacobian-matching loss head.
+"""Plain-PyTorch oracles: the Jacobian-matching loss head and the top-k seeds.
 
 This is the ``"torch"`` backend and the reference every kernel is tested against. It
 shares no code with the kernels: it is ordinary differentiable PyTorch (any dtype,
@@ -13,6 +13,9 @@ rows are flattened to (B, K, D). Per row, with s the student row and t the teach
 
 Reductions: ``"none"`` keeps (B, K) (or (B,) when K was implicit), ``"sum"`` adds every
 row, ``"mean"`` sums over the K outputs and averages over the B samples.
+
+:func:`topk_seeds` is the oracle of the top-k seeds op (contract in
+``jacfast/ops/topk_seeds.py``): a full stable sort, simple rather than fast.
 """
 from __future__ import annotations
 
@@ -59,3 +62,17 @@ def jacobian_matching_loss(student_jac, teacher_jac=None, *, kind="normalized", 
     if reduction == "mean":
         return rows.sum() / rows.shape[0]
     raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+
+
+def topk_seeds(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices (B, k) and one-hot seeds (k, B, C) of the k largest outputs per row.
+
+    ``torch.topk`` promises no order among ties, so this sorts each whole row with a stable
+    descending sort, which keeps ties in index order and puts NaN first (torch sorts NaN as
+    the largest; -0.0 and +0.0 compare equal).
+    """
+    batch, classes = logits.shape
+    indices = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
+    seeds = logits.new_zeros((k, batch, classes))
+    seeds.scatter_(2, indices.t().unsqueeze(-1), 1)  # seeds[j, b, indices[b, j]] = 1
+    return indices, seeds

@@ -33,17 +33,30 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def topk_seeds_torch(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Plain-torch implementation (the "torch" backend and the reference for the kernels).
+    """Plain-torch implementation (the "torch" backend, for devices without kernels).
 
-    ``torch.topk`` promises no order among ties, so this uses a stable descending sort,
-    which keeps ties in index order and puts NaN first (torch sorts NaN as the largest).
+    ``torch.topk`` finds the k-th largest value of each row (NaN counts as the largest, as in
+    the contract), but promises no order among ties. The selection is made unique by a key:
+    values ranking before the k-th all get the top key (there are fewer than k of them), ties
+    with it get one decreasing with the index, the rest -1; a second ``topk`` of the keys then
+    takes the k-th value's lowest-index ties. A stable sort of the k chosen values, in index
+    order, gives the contract's order. Rows of up to 64 outputs sort outright (as fast there).
     """
     batch, classes = logits.shape
-    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
-    indices = order[:, :k].contiguous()
+    if classes <= 64:
+        indices = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
+    else:
+        kth = torch.topk(logits, k, dim=1).values[:, k - 1:]
+        isnan, kth_nan = logits.isnan(), kth.isnan()
+        ahead = ((logits > kth) | isnan) & ~kth_nan  # nothing ranks before a NaN k-th value
+        tie = (logits == kth) | (isnan & kth_nan)  # -0.0 == +0.0; NaNs tie among themselves
+        lower_first = torch.arange(classes - 1, -1, -1, device=logits.device)
+        key = torch.where(ahead, classes, torch.where(tie, lower_first, -1))
+        chosen = torch.topk(key, k, dim=1).indices.sort(dim=1).values  # index order
+        order = torch.sort(logits.gather(1, chosen), dim=1, descending=True, stable=True).indices
+        indices = chosen.gather(1, order)
     seeds = logits.new_zeros((k, batch, classes))
-    # seeds[j, b, indices[b, j]] = 1
-    seeds.scatter_(2, indices.t().unsqueeze(-1), 1)
+    seeds.scatter_(2, indices.t().unsqueeze(-1), 1)  # seeds[j, b, indices[b, j]] = 1
     return indices, seeds
 
 
