@@ -1,8 +1,8 @@
 """Plain-PyTorch oracles: the Jacobian-matching loss head and the top-k seeds.
 
-This is the ``"torch"`` backend and the reference every kernel is tested against. It
-shares no code with the kernels: it is ordinary differentiable PyTorch (any dtype,
-any device, twice differentiable), written for clarity, not speed.
+The loss is the ``"torch"`` backend of the loss head and the reference every loss kernel
+is tested against. It shares no code with the kernels: it is ordinary differentiable
+PyTorch (any dtype, any device, twice differentiable), written for clarity, not speed.
 
 Shapes: ``student_jac`` and ``teacher_jac`` are (B, K, *input_dims) or (B, *input_dims);
 rows are flattened to (B, K, D). Per row, with s the student row and t the teacher row:
