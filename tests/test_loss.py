@@ -143,11 +143,13 @@ def test_cpu_streaming_stores_write_the_same_values(monkeypatch, dtype, kind):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_backward_has_the_bits_of_forward_then_backward(backend, device, dtype):
     """The kernel contract: forward_backward = forward + backward(grad_loss = 1), bit for bit,
-    on rows short and long, single and multi-chunk, split or not (fused or not)."""
+    on rows short and long, single and multi-chunk, split or not (fused or not; the CUDA
+    limits: 256 groups in the warp layout, 1024 unsplit in the block layout)."""
     from jacfast import registry
 
     kernels = registry.kernels(backend, "jacobian_matching")
-    for rows, dim in ((17, 784), (5, 3072), (3, 4101), (2, 20000), (40, 1)):
+    for rows, dim in ((17, 784), (9, 1024), (9, 1025), (5, 3072), (3, 2049), (3, 4096), (3, 4101), (2, 20000),
+                      (40, 1)):
         for kind_name, kind in (("normalized", 0), ("squared", 1), ("norm", 2)):
             s, t = make_pair((rows, dim), dtype, device, kind_name)
             for reduction in (0, 1):

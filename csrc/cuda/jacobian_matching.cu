@@ -3,6 +3,8 @@
 // module.cpp. Summary of the design:
 //   forward  = stage 1 (per-row or per-row-segment float64 sums) [+ finishing kernel].
 //   backward = one grid-stride elementwise kernel driven by the per-row coefficients.
+//   forward_backward = stage 1 and the backward in one kernel for rows that fit in
+//              registers (rows_fused_kernel) [+ finishing kernel], else forward + backward.
 // Determinism: every float sum has a fixed order that depends only on (R, D, dtype):
 // the split plan is computed from those alone (never from the SM count), the per-thread
 // element order is the same on the vectorized and the scalar load path, and all tree
@@ -138,16 +140,17 @@ __device__ __forceinline__ RowResult finalize_row(const double (&a)[3], double e
   return o;
 }
 
-// Finalizes row r: writes coef[r] and, for reduction 0, loss[r]; returns the float64 loss.
+// Finalizes row r: writes coef[r] and, for reduction 0, loss[r]; returns the float64 loss
+// and the coefficients.
 template <typename T, int KIND>
-__device__ __forceinline__ double finish_row(int64_t r, const double (&a)[3], double eps, double* coef,
-                                             T* loss, int reduction) {
+__device__ __forceinline__ RowResult finish_row(int64_t r, const double (&a)[3], double eps, double* coef,
+                                                T* loss, int reduction) {
   const RowResult o = finalize_row<KIND>(a, eps);
   coef[r * 3 + 0] = o.c0;
   coef[r * 3 + 1] = o.c1;
   coef[r * 3 + 2] = o.c2;
   if (reduction == 0) loss[r] = from_d<T>(o.loss);
-  return o.loss;
+  return o;
 }
 
 // ---------------------------------------------------------------- forward stage 1
@@ -233,7 +236,7 @@ rows_stage1_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t R, 
     for (int q = 0; q < 3; ++q) partials[seg * 3 + q] = a[q];
     return;
   }
-  const double l = finish_row<T, KIND>(row, a, eps, coef, loss, reduction);
+  const double l = finish_row<T, KIND>(row, a, eps, coef, loss, reduction).loss;
   if (reduction == 1) rowloss[row] = l;
 }
 
@@ -258,7 +261,7 @@ finish_kernel(const double* __restrict__ partials, int64_t splits,
 #pragma unroll
         for (int q = 0; q < 3; ++q) a[q] += partials[(r * splits + j) * 3 + q];
       }
-      l = finish_row<T, KIND>(r, a, eps, coef, loss, reduction);
+      l = finish_row<T, KIND>(r, a, eps, coef, loss, reduction).loss;
     } else {
       l = rowloss[r];
     }
@@ -289,13 +292,15 @@ __device__ __forceinline__ RowCoef load_row_coef(int64_t r, const double* __rest
   return RowCoef{coef[r * 3 + 0], coef[r * 3 + 1], coef[r * 3 + 2], g};
 }
 
+// Explicit roundings (no compiler-dependent contraction): the backward kernel and the fused
+// forward_backward kernel give the same bits.
 template <typename T>
 __device__ __forceinline__ T grad_s_elem(const RowCoef& p, double x, double y) {
-  return from_d<T>(p.g * (p.c0 * x - p.c1 * y));
+  return from_d<T>(__dmul_rn(p.g, __fma_rn(p.c0, x, -__dmul_rn(p.c1, y))));
 }
 template <typename T>
 __device__ __forceinline__ T grad_t_elem(const RowCoef& p, double x, double y) {
-  return from_d<T>(p.g * (p.c2 * y - p.c1 * x));
+  return from_d<T>(__dmul_rn(p.g, __fma_rn(p.c2, y, -__dmul_rn(p.c1, x))));
 }
 
 // Elementwise over the flat R*D index: grad_s = g (c0 s - c1 t), grad_t = g (c2 t - c1 s),
@@ -372,6 +377,103 @@ backward_kernel(const T* __restrict__ s, const T* __restrict__ t, const double* 
   }
 }
 
+// ---------------------------------------------------------------- fused forward_backward
+// forward_backward for rows of one segment (splits == 1) short enough to stay in registers:
+// at most GPL 16-byte groups per thread of the team. The team reads its row once, sums it
+// in exactly rows_stage1_kernel's order (thread `lane` takes groups lane, lane + TEAM, ...
+// ascending, elements ascending, the same vector/scalar choice), reduces with the same
+// warp/block sum, finishes the row as stage 1 does (coef, loss or rowloss), and then writes
+// grad_s = g (c0 s - c1 t) (g = 1, or scale for reduction 1, as backward_kernel forms it)
+// from the groups it holds: 3 passes over memory instead of 5, the same bits.
+template <typename T, int KIND, int TEAM, int GPL>
+__global__ void __launch_bounds__(kBlock)
+rows_fused_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t R, int64_t D,
+                  T* __restrict__ gs, T* __restrict__ loss, double* __restrict__ coef,
+                  double* __restrict__ rowloss, int reduction, double eps, double scale) {
+  using VecT = Vec16<T>;
+  constexpr int V = VecT::N;
+  constexpr int kTeams = kBlock / TEAM;
+  const int lane = threadIdx.x % TEAM, team = threadIdx.x / TEAM;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + team;
+  if (row >= R) return;  // whole team leaves together (only in the warp layout)
+
+  const int64_t G = (D + V - 1) / V;
+  const T* srow = s + row * D;
+  const T* trow = t != nullptr ? t + row * D : nullptr;
+  T* grow = gs + row * D;
+  const bool has_t = trow != nullptr;
+  const bool vec = aligned16(srow) && (!has_t || aligned16(trow));
+
+  VecT sv[GPL], tv[GPL];
+  double a[3] = {0.0, 0.0, 0.0};
+#pragma unroll
+  for (int i = 0; i < GPL; ++i) {
+    const int64_t g = lane + static_cast<int64_t>(i) * TEAM, e0 = g * V;
+    tv[i] = VecT{};
+    if (g >= G) continue;
+    if (vec && e0 + V <= D) {
+      sv[i] = *reinterpret_cast<const VecT*>(srow + e0);
+      if (has_t) tv[i] = *reinterpret_cast<const VecT*>(trow + e0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) accum<KIND>(to_d(sv[i].v[j]), to_d(tv[i].v[j]), a);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t e = e0 + j;
+        sv[i].v[j] = e < D ? srow[e] : T(0);
+        if (has_t && e < D) tv[i].v[j] = trow[e];
+        if (e < D) accum<KIND>(to_d(sv[i].v[j]), has_t ? to_d(tv[i].v[j]) : 0.0, a);
+      }
+    }
+  }
+
+  double c0 = 0.0, c1 = 0.0;
+  if constexpr (TEAM == kWarp) {
+#pragma unroll
+    for (int q = 0; q < 3; ++q) a[q] = warp_sum(a[q]);
+    if (lane == 0) {
+      const RowResult o = finish_row<T, KIND>(row, a, eps, coef, loss, reduction);
+      if (reduction == 1) rowloss[row] = o.loss;
+      c0 = o.c0;
+      c1 = o.c1;
+    }
+    c0 = __shfl_sync(0xffffffffu, c0, 0);
+    c1 = __shfl_sync(0xffffffffu, c1, 0);
+  } else {
+    __shared__ double shared_c[2];
+    block_sum3(a);  // TEAM == blockDim.x: one row per block
+    if (lane == 0) {
+      const RowResult o = finish_row<T, KIND>(row, a, eps, coef, loss, reduction);
+      if (reduction == 1) rowloss[row] = o.loss;
+      shared_c[0] = o.c0;
+      shared_c[1] = o.c1;
+    }
+    __syncthreads();
+    c0 = shared_c[0];
+    c1 = shared_c[1];
+  }
+  double g = 1.0;
+  if (reduction == 1) g *= scale;
+  const RowCoef p{c0, c1, 0.0, g};
+  const bool vec_out = vec && aligned16(grow);
+#pragma unroll
+  for (int i = 0; i < GPL; ++i) {
+    const int64_t g_i = lane + static_cast<int64_t>(i) * TEAM, e0 = g_i * V;
+    if (g_i >= G) continue;
+    if (vec_out && e0 + V <= D) {
+      VecT os;
+#pragma unroll
+      for (int j = 0; j < V; ++j) os.v[j] = grad_s_elem<T>(p, to_d(sv[i].v[j]), to_d(tv[i].v[j]));
+      *reinterpret_cast<VecT*>(grow + e0) = os;
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (e0 + j < D) grow[e0 + j] = grad_s_elem<T>(p, to_d(sv[i].v[j]), to_d(tv[i].v[j]));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- host side
 bool host_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
@@ -410,11 +512,24 @@ Plan make_plan(int64_t R, int64_t D, int64_t elem_size) {
   return p;
 }
 
+// Rows rows_fused_kernel takes: one segment, at most this many groups per thread.
+// ptxas (sm_90): 61-116 registers and no spills for these; 16 groups per lane (all warp-layout
+// rows) reach 255 registers and spill for fp16/bf16.
+constexpr int kFusedWarpGroups = 8;   // warp layout: rows of <= 256 groups (fp32: 1024 elements)
+constexpr int kFusedBlockGroups = 4;  // block layout: rows of <= 1024 groups (fp32: 4096 elements)
+
+bool fusable(const Plan& p, int64_t G) {
+  return p.splits == 1 && G <= (p.team == kWarp ? int64_t{kFusedWarpGroups} * kWarp : int64_t{kFusedBlockGroups} * kBlock);
+}
+
+// gs: the gradient of forward_backward, or undefined for a plain forward. Returns whether
+// the gradient was written (rows_fused_kernel); otherwise the caller runs the backward.
 template <typename T, int KIND>
-void forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, double eps,
-                   double scale, at::Tensor& loss, at::Tensor& coef, cudaStream_t stream) {
+bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, double eps,
+                   double scale, at::Tensor& loss, at::Tensor& coef, const at::Tensor& gs, cudaStream_t stream) {
   const int64_t R = s.size(0), D = s.size(1);
   const Plan p = make_plan(R, D, sizeof(T));
+  const bool fused = gs.defined() && fusable(p, ceil_div(D, Vec16<T>::N));
   TORCH_CHECK(p.blocks <= INT_MAX, "jacfast_cuda.forward: too many rows (", R, ") for one launch");
   const T* sp = s.data_ptr<T>();
   const T* tp = (KIND != 2 && t.defined()) ? t.data_ptr<T>() : nullptr;  // norm ignores teacher
@@ -435,7 +550,16 @@ void forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
   }
 
   const int red = static_cast<int>(reduction);
-  if (p.team == kWarp) {
+  if (fused) {
+    T* gp = gs.data_ptr<T>();
+    if (p.team == kWarp) {
+      rows_fused_kernel<T, KIND, kWarp, kFusedWarpGroups><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
+          sp, tp, R, D, gp, lp, cp, rowloss, red, eps, scale);
+    } else {
+      rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
+          sp, tp, R, D, gp, lp, cp, rowloss, red, eps, scale);
+    }
+  } else if (p.team == kWarp) {
     rows_stage1_kernel<T, KIND, kWarp><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
         sp, tp, R, D, p.splits, p.gps, partials, lp, cp, rowloss, red, eps);
   } else {
@@ -452,6 +576,7 @@ void forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
         partials, p.splits, rowloss, R, lp, cp, red, eps, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  return fused;
 }
 
 // gl: flat grad_loss in T or float64; undefined means "grad_loss = 1" (forward_backward).
@@ -497,16 +622,18 @@ void backward_typed(const at::Tensor& gl, const at::Tensor& s, const at::Tensor&
 
 // Host launchers used by the ops in module.cpp, which validate the inputs, allocate the
 // outputs and hold the device guard. Kernels run on the current stream.
-void launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int64_t reduction, double eps,
-                    double scale, at::Tensor& loss, at::Tensor& coef) {
+bool launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int64_t reduction, double eps,
+                    double scale, at::Tensor& loss, at::Tensor& coef, const at::Tensor& gs) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  bool fused = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "jacfast_cuda_forward", [&] {
     switch (kind) {
-      case 0: forward_typed<scalar_t, 0>(s, t, reduction, eps, scale, loss, coef, stream); break;
-      case 1: forward_typed<scalar_t, 1>(s, t, reduction, eps, scale, loss, coef, stream); break;
-      default: forward_typed<scalar_t, 2>(s, t, reduction, eps, scale, loss, coef, stream); break;
+      case 0: fused = forward_typed<scalar_t, 0>(s, t, reduction, eps, scale, loss, coef, gs, stream); break;
+      case 1: fused = forward_typed<scalar_t, 1>(s, t, reduction, eps, scale, loss, coef, gs, stream); break;
+      default: fused = forward_typed<scalar_t, 2>(s, t, reduction, eps, scale, loss, coef, gs, stream); break;
     }
   });
+  return fused;
 }
 
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,

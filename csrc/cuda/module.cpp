@@ -12,8 +12,10 @@
 namespace jacfast_cuda {
 
 // jacobian_matching.cu: launch on the current stream; inputs already validated.
-void launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int64_t reduction, double eps,
-                    double scale, at::Tensor& loss, at::Tensor& coef);
+// With gs defined (forward_backward), rows that fit in registers get their gradient written
+// in the same pass; returns whether it was.
+bool launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int64_t reduction, double eps,
+                    double scale, at::Tensor& loss, at::Tensor& coef, const at::Tensor& gs = at::Tensor());
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,
                      const at::Tensor& coef, int64_t reduction, double scale, at::Tensor& gs, at::Tensor& gt);
 // topk_seeds.cu
@@ -106,8 +108,9 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const a
   return {gs.defined() ? gs : empty, gt.defined() ? gt : empty};
 }
 
-// forward_backward = forward (1 or 2 launches) followed by the backward kernel with an
-// implicit grad_loss = 1 (no ones tensor is materialized): 2 or 3 launches in total.
+// forward_backward: rows that fit in registers in one launch (+ the finishing launch for
+// reduction 1), each row read once; other rows: forward (1 or 2 launches) followed by the
+// backward kernel with an implicit grad_loss = 1 (no ones tensor is materialized).
 std::tuple<at::Tensor, at::Tensor> forward_backward(const at::Tensor& student,
                                                     const std::optional<at::Tensor>& teacher, int64_t kind,
                                                     int64_t reduction, double eps, double scale) {
@@ -115,11 +118,16 @@ std::tuple<at::Tensor, at::Tensor> forward_backward(const at::Tensor& student,
   check_kind_reduction(op, kind, reduction);
   const at::Tensor t = check_rows(op, student, teacher);
   c10::cuda::CUDAGuard guard(student.device());
-  auto [loss, coef] = run_forward(student, t, kind, reduction, eps, scale);
+  const int64_t R = student.size(0);
+  at::Tensor loss = reduction == 0 ? at::empty({R}, student.options()) : at::empty({}, student.options());
+  at::Tensor coef = at::empty({R, 3}, student.options().dtype(at::kDouble));
   at::Tensor gs = at::empty(student.sizes(), student.options());
-  at::Tensor no_grad_t;
-  // kind 2 has coef1 = coef2 = 0, so the teacher is not needed (or read) there.
-  launch_backward(at::Tensor(), student, kind == 2 ? at::Tensor() : t, coef, reduction, scale, gs, no_grad_t);
+  // norm (kind 2) never reads the teacher: coef1 = coef2 = 0.
+  const at::Tensor t_read = kind == 2 ? at::Tensor() : t;
+  if (!launch_forward(student, t_read, kind, reduction, eps, scale, loss, coef, gs)) {
+    at::Tensor no_grad_t;
+    launch_backward(at::Tensor(), student, t_read, coef, reduction, scale, gs, no_grad_t);
+  }
   return {loss, gs};
 }
 

@@ -22,9 +22,9 @@ from jacfast import registry
 KINDS = {"normalized": 0, "squared": 1, "norm": 2}
 REDUCTION_NONE, REDUCTION_SCALED_SUM = 0, 1
 # Backends whose forward_backward reads each row from memory once: the CPU kernel writes a
-# row's gradient while the row is in cache, the Triton one from registers (rows of up to 4096
-# elements; longer rows run forward, then backward). The CUDA one runs forward, then backward.
-FUSED_BACKENDS = frozenset({"cpu", "triton"})
+# row's gradient while the row is in cache, the Triton and CUDA ones from registers for rows
+# short enough (csrc/README.md), running forward then backward for longer rows.
+FUSED_BACKENDS = frozenset({"cpu", "triton", "cuda"})
 
 
 def _kernels(backend: str):
@@ -111,13 +111,16 @@ def _scale_by_upstream_(grad: Tensor, grad_loss: Tensor, reduction: int) -> None
     """grad *= grad_loss (per row for reduction none), in place; nothing to do when it is 1.
 
     On the CPU, asking is free; on a GPU, ``.item()`` would stall the host until the device
-    catches up, so a Triton kernel skips the tiles whose grad_loss is 1 on the device.
+    catches up, so a Triton kernel skips the tiles whose grad_loss is 1 on the device. Without
+    Triton the product is always formed (same values: one rounding of an exact product).
     """
-    if grad_loss.device.type == "cpu":
-        if not (grad_loss.ndim == 0 and grad_loss.item() == 1.0):
-            grad.mul_(grad_loss.view(-1, 1) if reduction == REDUCTION_NONE else grad_loss)
-    else:
+    on_cpu = grad_loss.device.type == "cpu"
+    if on_cpu and grad_loss.ndim == 0 and grad_loss.item() == 1.0:
+        return
+    if not on_cpu and registry._status_for("triton", grad_loss.device.type).available:
         _kernels("triton").scale_unless_one_(grad, grad_loss.to(grad.dtype), reduction)
+    else:
+        grad.mul_(grad_loss.view(-1, 1) if reduction == REDUCTION_NONE else grad_loss)
 
 
 class JacobianMatchingFunction(torch.autograd.Function):
