@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One command on a lent GPU machine, sized to its lease: build the extensions there, test the
-# GPU backends, run the benchmarks, test the rest, and leave under $OUT what the device tool
-# brings back (at most 8 files): suite.log, every stage's output in order, and one JSON file
-# per benchmark (benchmarks/results/ takes them as they are).
+# GPU backends, run the benchmarks, test the rest, and leave under $OUT at most 8 files (all
+# that comes back from such a machine): suite.log, every stage's output in order, and one
+# JSON file per benchmark (benchmarks/results/ takes them as they are).
 #
 # Every stage runs under what is left of one budget, JACFAST_GPU_BUDGET_S seconds (default
-# 540, inside the tool's 600-s call). The benchmarks stop starting new configurations when
-# their share runs out and write their rows as they go, so a run cut short still leaves what
-# it measured, marked incomplete. Order: what the issue's GPU targets need first (fwd+bwd of
-# the loss head in fp32, bf16, then fp16; the top-k seeds; the training step).
+# 540, inside a 600-s call). The benchmarks stop starting new configurations when their share
+# runs out and write their rows as they go, so a run cut short still leaves what it
+# measured, marked incomplete. Order: the GPU backends' tests, then the benchmarks the GPU
+# targets need (the top-k seeds, short; the loss head's fwd+bwd in fp32, bf16, then fp16;
+# the training step last, its targets are the CPU's), then the other tests.
 # Uses the machine's own python3 (torch, triton, pytest preinstalled); no network.
 # Afterwards, here: copy the JSON files into benchmarks/results/ and suite.log to
 # benchmarks/results/gpu_suite-<device>-<date>.log, then run benchmarks/report.py and plot.py.
