@@ -40,9 +40,9 @@ SIZES = {
     "full-cuda": [(8192, 784), (16384, 3072), (1024, 150528), (16, 150528), (6644, 150528)],
     "smoke": [(8, 50), (2, 1000)],
 }
-# measure_blocks settings: timed seconds per provider and mode. CUDA events time each call to
-# about a microsecond and GPU medians move by a few percent at most, so 0.15 s (do_bench's
-# default is 0.1 s) suffices there and keeps the full sweep inside a device lease.
+# measure_blocks settings: timed seconds per provider and mode. CUDA events time each call on
+# the device, without the host's jitter; 0.15 s there (triton.testing.do_bench times 0.1 s)
+# keeps the full sweep inside a device lease.
 BLOCK_TIMING = {"cpu": {"min_time": 0.5, "min_repeats": 10}, "cuda": {"min_time": 0.15, "min_repeats": 10}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Full-tensor passes each mode must make: (with a teacher, without one for kind="norm").

@@ -48,8 +48,8 @@ TIMING = {
     "full": {"min_time": 2.0, "min_repeats": 30, "warmup": 3},
     "smoke": {"min_time": 0.0, "min_repeats": 2, "warmup": 1},
 }
-# On a GPU, CUDA events time each call to about a microsecond: 0.5 s per provider (hundreds
-# of calls at these sizes) keeps the full suite inside a device lease.
+# On a GPU, CUDA events time each call on the device, without the host's jitter: 0.5 s per
+# provider (hundreds of calls at these sizes) keeps the full suite inside a device lease.
 TIMING_CUDA = {**TIMING, "full": {"min_time": 0.5, "min_repeats": 30, "warmup": 3}}
 NAIVE = "torch.topk+scatter"
 
