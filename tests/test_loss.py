@@ -144,7 +144,8 @@ def test_cpu_streaming_stores_write_the_same_values(monkeypatch, dtype, kind):
 def test_forward_backward_has_the_bits_of_forward_then_backward(backend, device, dtype):
     """The kernel contract: forward_backward = forward + backward(grad_loss = 1), bit for bit,
     on rows short and long, single and multi-chunk, split or not (fused or not; the CUDA
-    limits: 256 groups in the warp layout, 1024 unsplit in the block layout)."""
+    limits: 256 groups in the warp layout, 1024 per segment in the block layout, split rows
+    fused at a row barrier; image rows in test_long_rows.py)."""
     from jacfast import registry
 
     kernels = registry.kernels(backend, "jacobian_matching")

@@ -45,9 +45,11 @@ SCRIPT = textwrap.dedent("""
     x, y = torch.rand(36, 1, 28, 28, generator=g), torch.arange(36) % 10
     torch.manual_seed(0)
     model = build_model("lenet", width=2, dropout=0.3)
-    def tick(tr):
-        with open(os.path.join(out, "progress"), "w") as f:
+    def tick(tr):  # written whole by a rename, so the test never reads a half-written file
+        path = os.path.join(out, "progress")
+        with open(path + ".tmp", "w") as f:
             f.write(str(tr.step))
+        os.replace(path + ".tmp", path)
         time.sleep(pause)
     tr = SupervisedTrainer(model, (x, y), jacobian_weight=0.5, num_projections=1, batch_size=8, epochs=3,
                            steps_per_epoch=4, out_dir=out, checkpoint_every=1, seed=3, progress=False,
@@ -74,7 +76,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(tmp_path / "run.pt"), "0.3"], env=_env())
     progress, deadline = run_dir / "progress", time.time() + 90
     while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 6:
+        if progress.exists() and int(progress.read_text()) >= 6:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"

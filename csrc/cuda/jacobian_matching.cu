@@ -3,10 +3,12 @@
 // module.cpp. Summary of the design:
 //   forward  = stage 1 (per-row or per-row-segment float64 sums) [+ finishing kernel].
 //   backward = one grid-stride elementwise kernel driven by the per-row coefficients.
-//   forward_backward = stage 1 and the backward in one kernel for rows that fit in
-//              registers (rows_fused_kernel) [+ finishing kernel], else forward + backward.
+//   forward_backward = stage 1 and the backward in one kernel (rows_fused_kernel,
+//              jacobian_matching_fused.cuh) for rows or row segments that fit in registers
+//              [+ finishing kernel], else forward + backward.
 // Determinism: every float sum has a fixed order that depends only on (R, D, dtype):
-// the split plan is computed from those alone (never from the SM count), the per-thread
+// the split plan is computed from those alone (never from the SM count; the SM count only
+// decides whether forward_backward may fuse split rows, not how it sums), the per-thread
 // element order is the same on the vectorized and the scalar load path, and all tree
 // reductions use fixed shuffle/shared-memory patterns. No float atomics anywhere.
 #include <ATen/ATen.h>
@@ -18,10 +20,14 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "jacobian_matching_device.cuh"
+#include "jacobian_matching_fused.cuh"  // rows_fused_kernel and its row barrier
 
 namespace jacfast_cuda {
 namespace {
@@ -222,115 +228,18 @@ backward_kernel(const T* __restrict__ s, const T* __restrict__ t, const double* 
   }
 }
 
-// ---------------------------------------------------------------- fused forward_backward
-// forward_backward for rows of one segment (splits == 1) short enough to stay in registers:
-// at most GPL 16-byte groups per thread of the team. The team reads its row once, sums it
-// in exactly rows_stage1_kernel's order (thread `lane` takes groups lane, lane + TEAM, ...
-// ascending, elements ascending, the same vector/scalar choice), reduces with the same
-// warp/block sum, finishes the row as stage 1 does (coef, loss or rowloss), and then writes
-// grad_s = g (c0 s - c1 t) (g = 1, or scale for reduction 1, as backward_kernel forms it)
-// from the groups it holds: 3 passes over memory instead of 5, the same bits.
-template <typename T, int KIND, int TEAM, int GPL>
-__global__ void __launch_bounds__(kBlock)
-rows_fused_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t R, int64_t D,
-                  T* __restrict__ gs, T* __restrict__ loss, double* __restrict__ coef,
-                  double* __restrict__ rowloss, int reduction, double eps, double scale) {
-  using VecT = Vec16<T>;
-  constexpr int V = VecT::N;
-  constexpr int kTeams = kBlock / TEAM;
-  const int lane = threadIdx.x % TEAM, team = threadIdx.x / TEAM;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + team;
-  if (row >= R) return;  // whole team leaves together (only in the warp layout)
-
-  const int64_t G = (D + V - 1) / V;
-  const T* srow = s + row * D;
-  const T* trow = t != nullptr ? t + row * D : nullptr;
-  T* grow = gs + row * D;
-  const bool has_t = trow != nullptr;
-  const bool vec = aligned16(srow) && (!has_t || aligned16(trow));
-
-  VecT sv[GPL], tv[GPL];
-  double a[3] = {0.0, 0.0, 0.0};
-#pragma unroll
-  for (int i = 0; i < GPL; ++i) {
-    const int64_t g = lane + static_cast<int64_t>(i) * TEAM, e0 = g * V;
-    tv[i] = VecT{};
-    if (g >= G) continue;
-    if (vec && e0 + V <= D) {
-      sv[i] = *reinterpret_cast<const VecT*>(srow + e0);
-      if (has_t) tv[i] = *reinterpret_cast<const VecT*>(trow + e0);
-#pragma unroll
-      for (int j = 0; j < V; ++j) accum<KIND>(to_d(sv[i].v[j]), to_d(tv[i].v[j]), a);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const int64_t e = e0 + j;
-        sv[i].v[j] = e < D ? srow[e] : T(0);
-        if (has_t && e < D) tv[i].v[j] = trow[e];
-        if (e < D) accum<KIND>(to_d(sv[i].v[j]), has_t ? to_d(tv[i].v[j]) : 0.0, a);
-      }
-    }
-  }
-
-  double c0 = 0.0, c1 = 0.0;
-  if constexpr (TEAM == kWarp) {
-#pragma unroll
-    for (int q = 0; q < 3; ++q) a[q] = warp_sum(a[q]);
-    if (lane == 0) {
-      const RowResult o = finish_row<T, KIND>(row, a, eps, coef, loss, reduction);
-      if (reduction == 1) rowloss[row] = o.loss;
-      c0 = o.c0;
-      c1 = o.c1;
-    }
-    c0 = __shfl_sync(0xffffffffu, c0, 0);
-    c1 = __shfl_sync(0xffffffffu, c1, 0);
-  } else {
-    __shared__ double shared_c[2];
-    block_sum3(a);  // TEAM == blockDim.x: one row per block
-    if (lane == 0) {
-      const RowResult o = finish_row<T, KIND>(row, a, eps, coef, loss, reduction);
-      if (reduction == 1) rowloss[row] = o.loss;
-      shared_c[0] = o.c0;
-      shared_c[1] = o.c1;
-    }
-    __syncthreads();
-    c0 = shared_c[0];
-    c1 = shared_c[1];
-  }
-  double g = 1.0;
-  if (reduction == 1) g *= scale;
-  const RowCoef p{c0, c1, 0.0, g};
-  const bool vec_out = vec && aligned16(grow);
-#pragma unroll
-  for (int i = 0; i < GPL; ++i) {
-    const int64_t g_i = lane + static_cast<int64_t>(i) * TEAM, e0 = g_i * V;
-    if (g_i >= G) continue;
-    if (vec_out && e0 + V <= D) {
-      VecT os;
-#pragma unroll
-      for (int j = 0; j < V; ++j) os.v[j] = grad_s_elem<T>(p, to_d(sv[i].v[j]), to_d(tv[i].v[j]));
-      *reinterpret_cast<VecT*>(grow + e0) = os;
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (e0 + j < D) grow[e0 + j] = grad_s_elem<T>(p, to_d(sv[i].v[j]), to_d(tv[i].v[j]));
-      }
-    }
-  }
-}
-
 // ---------------------------------------------------------------- host side
 bool host_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Split plan: a pure function of (R, D, element size), so the reduction tree is the
 // same on every GPU and every run.
-//  * rows of <= kWarpMaxGroups 16-byte groups: one warp per row, 8 rows per block,
-//    no split (e.g. R=8192, D=784 fp32: 1024 blocks, one launch for reduction 0);
+//  * rows of <= kWarpMaxGroups 16-byte groups (fp32: 1024 elements): one warp per row, 8 rows
+//    per block, no split (e.g. R=8192, D=784 fp32: 1024 blocks, one launch for reduction 0);
 //  * longer rows: one 256-thread block per segment; split each row into
-//    min(ceil(kTargetSegments / R), G / kMinGroupsPerSegment) segments (at least 1), so
-//    R=16, D=150528 fp32 gives 64 segments per row = 1024 blocks (~7.8 per SM of a
-//    132-SM H100, 1-2 waves depending on register use), bf16 36 per row = 576 blocks,
-//    while R >= 1024 long rows get one block per row and no split.
+//    min(ceil(kTargetSegments / R), G / kMinGroupsPerSegment) segments (at least 1), and
+//    into at least ceil(G / kMaxGroupsPerSegment), so that a segment fits the registers of
+//    rows_fused_kernel's block. R=16, D=150528 fp32 (G = 37632) gives 64 segments per row
+//    = 1024 blocks (~7.8 per SM of a 132-SM H100), R=128 37 per row, R=1 73.
 struct Plan {
   int team;
   int64_t splits, gps, blocks;
@@ -350,21 +259,53 @@ Plan make_plan(int64_t R, int64_t D, int64_t elem_size) {
   p.team = kBlock;
   const int64_t want = ceil_div(kTargetSegments, R);
   const int64_t most = std::max<int64_t>(1, G / kMinGroupsPerSegment);
-  const int64_t splits = std::max<int64_t>(1, std::min(want, most));
-  p.gps = ceil_div(G, splits);
+  const int64_t fewest = ceil_div(G, kMaxGroupsPerSegment);
+  const int64_t splits = std::max(fewest, std::max<int64_t>(1, std::min(want, most)));
+  p.gps = ceil_div(G, splits);  // <= kMaxGroupsPerSegment
   p.splits = ceil_div(G, p.gps);  // drop segments that would be empty
   p.blocks = R * p.splits;
   return p;
 }
 
-// Rows rows_fused_kernel takes: one segment, at most this many groups per thread.
-// ptxas (sm_90): 61-116 registers and no spills for these; 16 groups per lane (all warp-layout
-// rows) reach 255 registers and spill for fp16/bf16.
-constexpr int kFusedWarpGroups = 8;   // warp layout: rows of <= 256 groups (fp32: 1024 elements)
-constexpr int kFusedBlockGroups = 4;  // block layout: rows of <= 1024 groups (fp32: 4096 elements)
+// How many blocks of `kernel` (kBlock threads) the current GPU keeps resident at once: the
+// most segments a split row may have for the row barrier (jacobian_matching_fused.cuh).
+// Queried once per kernel and device.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cached[kMaxDevices];  // 0: not queried yet
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < kMaxDevices && cached[dev].load() > 0) return cached[dev].load();
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t n = static_cast<int64_t>(per_sm) * sms;
+  if (dev < kMaxDevices && n > 0) cached[dev].store(n);
+  return n;
+}
 
-bool fusable(const Plan& p, int64_t G) {
-  return p.splits == 1 && G <= (p.team == kWarp ? int64_t{kFusedWarpGroups} * kWarp : int64_t{kFusedBlockGroups} * kBlock);
+// Which kernel forward_backward runs for a plan (never changes the bits, only the passes):
+//   kUnfused: forward then backward (5 passes over memory);
+//   kFusedRows: rows_fused_kernel, one segment per row, the whole row in registers;
+//   kFusedSplit: rows_fused_kernel, segments of split rows in registers, met at a row barrier.
+enum FusedPath : int64_t { kUnfused = 0, kFusedRows = 1, kFusedSplit = 2 };
+
+// JACFAST_CUDA_FUSE_SPLIT_ROWS=0 turns the row barrier off (forward then backward, the same
+// bits), for GPUs shared in ways the occupancy query cannot see (MPS with an SM limit).
+bool split_rows_fusable() {
+  static const bool on = [] {
+    const char* e = std::getenv("JACFAST_CUDA_FUSE_SPLIT_ROWS");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
+template <typename T, int KIND>
+FusedPath fused_path(const Plan& p, int64_t D) {
+  if (p.splits == 1) return kFusedRows;  // the plan's rows and segments fit the fused kernel
+  if (p.splits > kMaxFusedSplits || !split_rows_fusable()) return kUnfused;
+  return p.splits <= resident_blocks(rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups>) ? kFusedSplit : kUnfused;
 }
 
 // gs: the gradient of forward_backward, or undefined for a plain forward. Returns whether
@@ -374,54 +315,59 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
                    double scale, at::Tensor& loss, at::Tensor& coef, const at::Tensor& gs, cudaStream_t stream) {
   const int64_t R = s.size(0), D = s.size(1);
   const Plan p = make_plan(R, D, sizeof(T));
-  const bool fused = gs.defined() && fusable(p, ceil_div(D, Vec16<T>::N));
   TORCH_CHECK(p.blocks <= INT_MAX, "jacfast_cuda.forward: too many rows (", R, ") for one launch");
+  const FusedPath path = gs.defined() ? fused_path<T, KIND>(p, D) : kUnfused;
   const T* sp = s.data_ptr<T>();
   const T* tp = (KIND != 2 && t.defined()) ? t.data_ptr<T>() : nullptr;  // norm ignores teacher
   T* lp = loss.data_ptr<T>();
   double* cp = coef.data_ptr<double>();
 
-  // Workspace: float64 partials when rows are split, float64 row losses for reduction 1.
-  at::Tensor ws;
+  // Workspace: float64 partials when rows are split, float64 row losses for reduction 1
+  // (from stage 1 or the fused kernel, which then finish rows themselves), and for
+  // kFusedSplit the rows' arrival counters and the segment ticket (int32, zeroed).
+  const bool rows_finished = p.splits == 1 || path == kFusedSplit;
+  const int64_t n_partials = p.splits > 1 ? R * p.splits * 3 : 0;
+  const int64_t n_rowloss = reduction == 1 && rows_finished ? R : 0;
+  at::Tensor ws, sync;
   double* partials = nullptr;
   double* rowloss = nullptr;
-  const auto dopts = s.options().dtype(at::kDouble);
-  if (p.splits > 1) {
-    ws = at::empty({R * p.splits * 3}, dopts);
-    partials = ws.data_ptr<double>();
-  } else if (reduction == 1) {
-    ws = at::empty({R}, dopts);
-    rowloss = ws.data_ptr<double>();
+  if (n_partials + n_rowloss > 0) {
+    ws = at::empty({n_partials + n_rowloss}, s.options().dtype(at::kDouble));
+    if (n_partials > 0) partials = ws.data_ptr<double>();
+    if (n_rowloss > 0) rowloss = ws.data_ptr<double>() + n_partials;
   }
+  if (path == kFusedSplit) sync = at::zeros({R + 1}, s.options().dtype(at::kInt));
 
   const int red = static_cast<int>(reduction);
-  if (fused) {
+  const unsigned blocks = static_cast<unsigned>(p.blocks);
+  if (path != kUnfused) {
     T* gp = gs.data_ptr<T>();
+    int* sp_sync = sync.defined() ? sync.data_ptr<int>() : nullptr;
     if (p.team == kWarp) {
-      rows_fused_kernel<T, KIND, kWarp, kFusedWarpGroups><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
-          sp, tp, R, D, gp, lp, cp, rowloss, red, eps, scale);
+      rows_fused_kernel<T, KIND, kWarp, kFusedWarpGroups><<<blocks, kBlock, 0, stream>>>(
+          sp, tp, R, D, 1, p.gps, nullptr, nullptr, gp, lp, cp, rowloss, red, eps, scale);
     } else {
-      rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
-          sp, tp, R, D, gp, lp, cp, rowloss, red, eps, scale);
+      rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups><<<blocks, kBlock, 0, stream>>>(
+          sp, tp, R, D, p.splits, p.gps, partials, sp_sync, gp, lp, cp, rowloss, red, eps, scale);
     }
   } else if (p.team == kWarp) {
-    rows_stage1_kernel<T, KIND, kWarp><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
+    rows_stage1_kernel<T, KIND, kWarp><<<blocks, kBlock, 0, stream>>>(
         sp, tp, R, D, p.splits, p.gps, partials, lp, cp, rowloss, red, eps);
   } else {
-    rows_stage1_kernel<T, KIND, kBlock><<<static_cast<unsigned>(p.blocks), kBlock, 0, stream>>>(
+    rows_stage1_kernel<T, KIND, kBlock><<<blocks, kBlock, 0, stream>>>(
         sp, tp, R, D, p.splits, p.gps, partials, lp, cp, rowloss, red, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  if (p.splits > 1 || reduction == 1) {
+  if (!rows_finished || reduction == 1) {
     // reduction 1 needs exactly one block (deterministic sum over all rows).
-    const int64_t blocks = reduction == 1 ? 1 : std::min(ceil_div(R, kBlock), kMaxElementwiseGrid);
+    const int64_t fblocks = reduction == 1 ? 1 : std::min(ceil_div(R, kBlock), kMaxElementwiseGrid);
     const int threads = reduction == 1 ? kFinishBlock : kBlock;
-    finish_kernel<T, KIND><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        partials, p.splits, rowloss, R, lp, cp, red, eps, scale);
+    finish_kernel<T, KIND><<<static_cast<unsigned>(fblocks), threads, 0, stream>>>(
+        rows_finished ? nullptr : partials, p.splits, rowloss, R, lp, cp, red, eps, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return fused;
+  return path != kUnfused;
 }
 
 // gl: flat grad_loss in T or float64; undefined means "grad_loss = 1" (forward_backward).
@@ -479,6 +425,19 @@ bool launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int6
     }
   });
   return fused;
+}
+
+// Test hook (_fused_path): the FusedPath forward_backward takes for these rows on the
+// current device.
+int64_t forward_backward_path(int64_t R, int64_t D, at::ScalarType dtype, int64_t kind) {
+  TORCH_CHECK(R >= 1 && D >= 1 && kind >= 0 && kind <= 2, "jacfast_cuda._fused_path: need rows, dim >= 1 and kind 0-2");
+  int64_t path = kUnfused;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "jacfast_cuda_fused_path", [&] {
+    const Plan p = make_plan(R, D, sizeof(scalar_t));
+    path = kind == 0 ? fused_path<scalar_t, 0>(p, D) : kind == 1 ? fused_path<scalar_t, 1>(p, D)
+                                                                 : fused_path<scalar_t, 2>(p, D);
+  });
+  return path;
 }
 
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,

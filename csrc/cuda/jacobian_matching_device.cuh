@@ -17,9 +17,15 @@ constexpr int kWarp = 32;
 constexpr int kBlock = 256;                   // threads per block for stage 1 and backward
 constexpr int kFinishBlock = 1024;            // single-block finishing kernel (reduction 1)
 constexpr int kUnroll = 4;                    // 16-byte loads in flight per thread and tensor
-constexpr int64_t kWarpMaxGroups = 512;       // rows up to 512 vector groups: one warp per row
 constexpr int64_t kTargetSegments = 1024;     // ~8 blocks of 256 threads per SM of an H100
 constexpr int64_t kMinGroupsPerSegment = 512; // >= 2 groups per thread in a 256-thread segment
+// 16-byte groups per thread that rows_fused_kernel holds in registers (ptxas sm_90: no spills;
+// 16 per lane reach 255 registers and spill for fp16/bf16). They bound the layouts, so that
+// every row or segment fits the fused kernel:
+constexpr int kFusedWarpGroups = 8;   // warp layout: rows of <= 256 groups (fp32: 1024 elements)
+constexpr int kFusedBlockGroups = 4;  // block layout: segments of <= 1024 groups (fp32: 4096 elements)
+constexpr int64_t kWarpMaxGroups = int64_t{kFusedWarpGroups} * kWarp;         // one warp per row
+constexpr int64_t kMaxGroupsPerSegment = int64_t{kFusedBlockGroups} * kBlock;  // one block per segment
 constexpr int64_t kMaxElementwiseGrid = 4096; // grid-stride cap for elementwise kernels
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

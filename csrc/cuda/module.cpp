@@ -18,6 +18,8 @@ bool launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int6
                     double scale, at::Tensor& loss, at::Tensor& coef, const at::Tensor& gs = at::Tensor());
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,
                      const at::Tensor& coef, int64_t reduction, double scale, at::Tensor& gs, at::Tensor& gt);
+// 0: forward then backward, 1: rows fused in registers, 2: split rows fused at a row barrier.
+int64_t forward_backward_path(int64_t R, int64_t D, at::ScalarType dtype, int64_t kind);
 // topk_seeds.cu
 std::tuple<at::Tensor, at::Tensor> topk_seeds(const at::Tensor& logits, int64_t k);
 
@@ -108,8 +110,9 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const a
   return {gs.defined() ? gs : empty, gt.defined() ? gt : empty};
 }
 
-// forward_backward: rows that fit in registers in one launch (+ the finishing launch for
-// reduction 1), each row read once; other rows: forward (1 or 2 launches) followed by the
+// forward_backward: rows or row segments that fit in registers in one launch (+ a memset of
+// the row counters for split rows, + the finishing launch for reduction 1), each element
+// read once; other rows: forward (1 or 2 launches) followed by the
 // backward kernel with an implicit grad_loss = 1 (no ones tensor is materialized).
 std::tuple<at::Tensor, at::Tensor> forward_backward(const at::Tensor& student,
                                                     const std::optional<at::Tensor>& teacher, int64_t kind,
@@ -140,6 +143,9 @@ TORCH_LIBRARY(jacfast_cuda, m) {
   m.def("forward_backward(Tensor student, Tensor? teacher, int kind, int reduction, float eps, float scale) "
         "-> (Tensor, Tensor)");
   m.def("topk_seeds(Tensor logits, int k) -> (Tensor indices, Tensor seeds)");
+  // Test hook, no tensor arguments (so one implementation for every dispatch key): which
+  // kernel forward_backward runs for (rows, dim, dtype, kind) on the current device.
+  m.def("_fused_path(int rows, int dim, ScalarType dtype, int kind) -> int", &jacfast_cuda::forward_backward_path);
 }
 
 TORCH_LIBRARY_IMPL(jacfast_cuda, CUDA, m) {

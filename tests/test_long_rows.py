@@ -1,0 +1,107 @@
+"""The loss head on rows of image size (3 x 224 x 224 and more), the case every kernel splits.
+
+forward_backward keeps the kernel contract there too: the bits of forward then backward
+(grad_loss = 1). The CUDA backend fuses such rows by cutting them into segments that fit a
+block's registers and meeting the blocks of a row at a barrier; these tests pin which rows
+take that path and check NaN still reaches the loss of its row through the barrier.
+"""
+import pytest
+import torch
+from conftest import kernel_backends
+from test_loss import assert_forward_backward_bits, assert_matches_oracle, make_pair
+
+import jacfast
+from jacfast import registry
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+IMAGE = 3 * 224 * 224
+
+
+def _skip_interpreter(backend, device):
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("the Triton interpreter is too slow for image rows (its fused kernel takes rows of <= 4096 "
+                    "elements, tested in test_triton_fused.py)")
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_bits_on_image_rows(backend, device, dtype):
+    """Rows of 16, 1 and 3 images (an odd length, so a partial last group), all kinds."""
+    _skip_interpreter(backend, device)
+    kernels = registry.kernels(backend, "jacobian_matching")
+    for rows, dim in ((16, IMAGE), (1, IMAGE), (3, IMAGE - 5)):
+        for kind_name, kind in (("normalized", 0), ("squared", 1), ("norm", 2)):
+            s, t = make_pair((rows, dim), dtype, device, kind_name)
+            for reduction in (0, 1):
+                assert_forward_backward_bits(kernels, s, t, kind, reduction)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_forward_backward_bits_on_a_row_of_too_many_segments(backend, device):
+    """One row of 2^24 elements: more segments than CUDA fuses (forward then backward)."""
+    _skip_interpreter(backend, device)
+    kernels = registry.kernels(backend, "jacobian_matching")
+    for kind_name, kind in (("normalized", 0), ("squared", 1)):
+        s, t = make_pair((1, 2**24 + 3), torch.float32, device, kind_name)
+        for reduction in (0, 1):
+            assert_forward_backward_bits(kernels, s, t, kind, reduction)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("kind", ("normalized", "squared", "norm"))
+def test_image_rows_match_the_oracle_in_training(backend, device, kind):
+    """The training case (only the student requires grad) on split rows, against float64."""
+    _skip_interpreter(backend, device)
+    student, teacher = make_pair((4, 2, IMAGE), torch.float32, device, kind)
+    for reduction in ("none", "mean"):
+        assert_matches_oracle(backend, student, teacher, kind, reduction, teacher_grad=False)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("kind", ("normalized", "squared", "norm"))
+def test_nan_in_a_late_segment_reaches_its_row(backend, device, kind):
+    """NaN far into row 2 (past the first segments): that row's loss is NaN, the others finite;
+    for the normalized loss the whole row's gradient is NaN (its coefficients are)."""
+    _skip_interpreter(backend, device)
+    student, teacher = make_pair((5, IMAGE), torch.float32, device, kind)
+    student[2, IMAGE - 7] = float("nan")
+    x = student.clone().requires_grad_(True)
+    loss = jacfast.jacobian_matching_loss(x, teacher, kind=kind, reduction="none", backend=backend)
+    loss.sum().backward()
+    finite = torch.isfinite(loss)
+    assert torch.isnan(loss[2]) and finite[[0, 1, 3, 4]].all(), loss
+    assert torch.isfinite(x.grad[[0, 1, 3, 4]]).all()
+    assert torch.isnan(x.grad[2, IMAGE - 7])
+    if kind == "normalized":
+        assert torch.isnan(x.grad[2]).all()
+    total = jacfast.jacobian_matching_loss(student, teacher, kind=kind, reduction="mean", backend=backend)
+    assert torch.isnan(total)
+
+
+def _cuda_available() -> bool:
+    return registry._status_for("cuda", "cuda").available
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs the CUDA backend on a GPU")
+def test_cuda_fused_paths():
+    """Which kernel CUDA's forward_backward runs (0: forward then backward, 1: rows in
+    registers, 2: split rows at a row barrier), so a change that loses a fusion fails here
+    rather than only in the benchmark. Split counts from the plan in jacobian_matching.cu."""
+    path = torch.ops.jacfast_cuda._fused_path
+    cases = {
+        (8192, 784, torch.float32): 1,      # warp layout, 196 groups
+        (17, 1024, torch.float32): 1,       # warp layout, 256 groups: the limit
+        (9, 1025, torch.float32): 1,        # block layout from 257 groups, unsplit
+        (9, 2048, torch.float16): 1,        # 256 groups of 8 halves
+        (2048, 3072, torch.float32): 1,     # block layout, unsplit (R >= 1024 / 1)
+        (3, 4096, torch.float32): 2,        # 2 segments of 512 groups
+        (16, IMAGE, torch.float32): 2,      # 64 segments
+        (128, IMAGE, torch.float32): 2,     # 37 segments of <= 1024 groups
+        (16, IMAGE, torch.bfloat16): 2,
+        (1, IMAGE, torch.float32): 2,       # 73 segments
+        (1, IMAGE, torch.float64): 0,       # 147 segments: more than kMaxFusedSplits (128)
+        (1, 2**24 + 3, torch.float32): 0,   # 4097 segments
+    }
+    for (rows, dim, dtype), want in cases.items():
+        for kind in (0, 1, 2):
+            assert path(rows, dim, dtype, kind) == want, (rows, dim, dtype, kind)
