@@ -78,6 +78,37 @@ def test_nan_in_a_late_segment_reaches_its_row(backend, device, kind):
     assert torch.isnan(total)
 
 
+@pytest.fixture(scope="module")
+def cuda_ops():
+    try:
+        import jacfast._C_cuda  # noqa: F401  (its host code loads and runs without a GPU)
+    except ImportError as e:
+        pytest.skip(f"the CUDA extension is not built: {e}")
+    return torch.ops.jacfast_cuda
+
+
+def test_cuda_split_plan_fits_the_fused_kernel(cuda_ops):
+    """Runs without a GPU. Every row of the CUDA plan fits rows_fused_kernel (warp-layout rows
+    of <= 256 16-byte groups, block-layout segments of <= 1024 covering the row exactly, none
+    empty), and the segment counts the comments and README quote."""
+    for elem in (2, 4, 8):
+        groups_of = lambda dim: -(-dim // (16 // elem))  # noqa: E731
+        for rows in (1, 2, 3, 16, 128, 1000, 1024, 6644):
+            for dim in (1, 7, 1024, 1025, 2048, 2049, 4096, 4097, 20000, IMAGE - 5, IMAGE, 2**24 + 3):
+                team, splits, gps = cuda_ops._plan(rows, dim, elem)
+                G = groups_of(dim)
+                if G <= 256:
+                    assert (team, splits, gps) == (32, 1, G), (rows, dim, elem)
+                else:
+                    assert team == 256 and gps <= 1024, (rows, dim, elem)
+                    assert (splits - 1) * gps < G <= splits * gps, (rows, dim, elem)
+    assert cuda_ops._plan(16, IMAGE, 4) == (256, 64, 588)
+    assert cuda_ops._plan(128, IMAGE, 4)[1] == cuda_ops._plan(1024, IMAGE, 4)[1] == 37
+    assert cuda_ops._plan(16, IMAGE, 2)[1] == 36 and cuda_ops._plan(1024, IMAGE, 2)[1] == 19
+    assert cuda_ops._plan(1, IMAGE, 4)[1] == 73 and cuda_ops._plan(1, IMAGE, 8)[1] == 147
+    assert cuda_ops._plan(3, 4096, 4) == (256, 2, 512) and cuda_ops._plan(2048, 3072, 4) == (256, 1, 768)
+
+
 def _cuda_available() -> bool:
     return registry._status_for("cuda", "cuda").available
 

@@ -427,6 +427,15 @@ bool launch_forward(const at::Tensor& s, const at::Tensor& t, int64_t kind, int6
   return fused;
 }
 
+// Test hook (_plan, host code only, so it runs without a GPU): the split plan's
+// (team threads, splits, groups per segment) for R rows of D elements of elem_size bytes.
+std::tuple<int64_t, int64_t, int64_t> split_plan(int64_t R, int64_t D, int64_t elem_size) {
+  TORCH_CHECK(R >= 1 && D >= 1 && (elem_size == 2 || elem_size == 4 || elem_size == 8),
+              "jacfast_cuda._plan: need rows, dim >= 1 and element_size 2, 4 or 8");
+  const Plan p = make_plan(R, D, elem_size);
+  return {p.team, p.splits, p.gps};
+}
+
 // Test hook (_fused_path): the FusedPath forward_backward takes for these rows on the
 // current device.
 int64_t forward_backward_path(int64_t R, int64_t D, at::ScalarType dtype, int64_t kind) {

@@ -20,6 +20,8 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at:
                      const at::Tensor& coef, int64_t reduction, double scale, at::Tensor& gs, at::Tensor& gt);
 // 0: forward then backward, 1: rows fused in registers, 2: split rows fused at a row barrier.
 int64_t forward_backward_path(int64_t R, int64_t D, at::ScalarType dtype, int64_t kind);
+// (team threads, splits, groups per segment) of the loss head's split plan; host code only.
+std::tuple<int64_t, int64_t, int64_t> split_plan(int64_t R, int64_t D, int64_t elem_size);
 // topk_seeds.cu
 std::tuple<at::Tensor, at::Tensor> topk_seeds(const at::Tensor& logits, int64_t k);
 
@@ -143,8 +145,10 @@ TORCH_LIBRARY(jacfast_cuda, m) {
   m.def("forward_backward(Tensor student, Tensor? teacher, int kind, int reduction, float eps, float scale) "
         "-> (Tensor, Tensor)");
   m.def("topk_seeds(Tensor logits, int k) -> (Tensor indices, Tensor seeds)");
-  // Test hook, no tensor arguments (so one implementation for every dispatch key): which
-  // kernel forward_backward runs for (rows, dim, dtype, kind) on the current device.
+  // Test hooks, no tensor arguments (so one implementation for every dispatch key): the
+  // split plan (host code, runs without a GPU) and which kernel forward_backward runs for
+  // (rows, dim, dtype, kind) on the current device.
+  m.def("_plan(int rows, int dim, int element_size) -> (int, int, int)", &jacfast_cuda::split_plan);
   m.def("_fused_path(int rows, int dim, ScalarType dtype, int kind) -> int", &jacfast_cuda::forward_backward_path);
 }
 
