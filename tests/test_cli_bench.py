@@ -231,3 +231,14 @@ def test_report_prefers_complete_runs_and_labels_incomplete_ones(tmp_path):
     write("c.json", {**_loss_head_result("cuda", "2026-12-01T11:00:00+00:00"), "rows": [
         {**row, "mode": "fwd"} for row in _loss_head_result("cuda", "x")["rows"]]})
     assert "/b.json`" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped
+
+
+def test_report_names_the_cuda_kernel_of_each_row(tmp_path):
+    """CUDA rows say which forward_backward kernel ran (fused rows, fused split rows or two passes)."""
+    from jacfast.bench import report
+
+    data = _loss_head_result("cuda", "2026-12-01T10:00:00+00:00")
+    data["rows"][0]["cuda_path"] = "fused split rows"
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    assert "| normalized | float32 | 4096 | 4096 | cuda (fused split rows) | 1.000 |" in report.performance_section(
+        str(tmp_path))

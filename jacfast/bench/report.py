@@ -68,7 +68,8 @@ def loss_head_table(result: dict) -> str:
             continue
         peak, ref = r.get("peak_mb"), eager_peak.get((r["kind"], r["dtype"], r["rows"], r["dim"]))
         memory = "" if peak is None else f"{peak:.1f}" + ("" if ref is None else f" ({ref:.1f})")
-        lines.append(f"| {r['kind']} | {r['dtype']} | {r['rows']} | {r['dim']} | {r['provider'][8:]} | {r['median_ms']:.3f} | "
+        backend = r["provider"][8:] + (f" ({r['cuda_path']})" if r.get("cuda_path") else "")  # which CUDA kernel
+        lines.append(f"| {r['kind']} | {r['dtype']} | {r['rows']} | {r['dim']} | {backend} | {r['median_ms']:.3f} | "
                      f"{r['gbps']:.1f} | {r['vs_floor']:.2f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compile']:.2f} | "
                      f"{r['speedup_vs_best_other']:.2f} | {memory} |")
     return "\n".join(lines)
