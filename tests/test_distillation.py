@@ -153,14 +153,46 @@ def test_finite_difference_matches_exact_on_relu_cnn(dtype, step, tol):
     assert rel(g_fd, param_grad(exact.total, student)) < tol
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float64, 1e-6)])
-def test_finite_difference_matches_exact_on_smooth_cnn(dtype, tol):
-    # Smooth activations: O(e^2) truncation + round-off at the default step (cbrt of the eps).
+@pytest.mark.parametrize("scheme,dtype,tol", [("central", torch.float32, 1e-3), ("central", torch.float64, 1e-6),
+                                              ("forward", torch.float32, 3e-3), ("forward", torch.float64, 1e-6)])
+def test_finite_difference_matches_exact_on_smooth_cnn(scheme, dtype, tol):
+    # Smooth activations, at the scheme's default step: central O(e^2) truncation + round-off
+    # (e ~ cbrt(u)); forward O(e) + round-off (e ~ sqrt(u): ~4e-8 fp64, ~8e-4 fp32 measured).
     teacher, student, x, y = make(dtype, nn.GELU)
     kw = dict(k=3, backend="auto", strategy="auto")
     g_exact = param_grad(DistillationLoss(teacher, **kw)(student, x, y).total, student)
-    g_fd = param_grad(DistillationLoss(teacher, estimator="finite_difference", **kw)(student, x, y).total, student)
-    assert rel(g_fd, g_exact) < tol
+    fd = DistillationLoss(teacher, estimator="finite_difference", fd_scheme=scheme, **kw)
+    assert rel(param_grad(fd(student, x, y).total, student), g_exact) < tol
+
+
+def test_finite_difference_schemes_converge_at_their_order():
+    """float64, GELU: the forward difference's error falls 10x per 10x smaller step (first
+    order), the central one's 100x (second order), until round-off."""
+    teacher, student, x, y = make(torch.float64, nn.GELU)
+    kw = dict(k=2, backend="torch")
+    g_exact = param_grad(DistillationLoss(teacher, **kw)(student, x, y).total, student)
+
+    def error(scheme, step):
+        fd = DistillationLoss(teacher, estimator="finite_difference", fd_scheme=scheme, fd_step=step, **kw)
+        return rel(param_grad(fd(student, x, y).total, student), g_exact)
+
+    fwd, cen = [error("forward", h) for h in (1e-3, 1e-4)], [error("central", h) for h in (1e-3, 1e-4)]
+    assert 5 < fwd[0] / fwd[1] < 20, fwd
+    assert 50 < cen[0] / cen[1] < 200, cen
+    assert fwd[1] > 10 * cen[1]
+
+
+def test_forward_scheme_runs_half_the_perturbed_forwards():
+    """Samples through the student per call: the main batch plus 2K perturbed copies (central)
+    or K (forward), whether they run as one concatenated batch or one by one (BatchNorm)."""
+    teacher, student, x, y = make(torch.float64, nn.GELU)
+    samples = []
+    student.register_forward_hook(lambda module, inputs, out: samples.append(out.shape[0]))
+    for net in (student, nn.Sequential(nn.BatchNorm2d(3).double(), student)):
+        for scheme, copies in (("central", 1 + 2 * 3), ("forward", 1 + 3)):
+            samples.clear()
+            DistillationLoss(teacher, k=3, estimator="finite_difference", fd_scheme=scheme)(net, x, y).total.backward()
+            assert sum(samples) == copies * x.shape[0], (scheme, samples)
 
 
 class _SoftplusOnce(torch.autograd.Function):
@@ -209,7 +241,8 @@ def test_finite_difference_trains_a_once_differentiable_student():
     assert history[-1] < 0.6 * history[0]
 
 
-def test_finite_difference_with_batchnorm_and_dropout():
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_finite_difference_with_batchnorm_and_dropout(scheme):
     # Train-mode BatchNorm couples samples and dropout draws masks: the perturbed forwards run
     # one by one with the main forward's RNG state replayed and running statistics restored.
     def net(width):
@@ -227,7 +260,8 @@ def test_finite_difference_with_batchnorm_and_dropout():
     student[1].running_mean.copy_(before)
     student[1].num_batches_tracked.zero_()
     torch.manual_seed(seed)
-    g_fd = param_grad(DistillationLoss(teacher, estimator="finite_difference", **kw)(student, x, y).total, student)
+    fd = DistillationLoss(teacher, estimator="finite_difference", fd_scheme=scheme, **kw)
+    g_fd = param_grad(fd(student, x, y).total, student)
     torch.testing.assert_close(student[1].running_mean, after_exact)  # updated once, as one forward does
     assert rel(g_fd, g_exact) < 1e-6
 
@@ -359,10 +393,13 @@ def test_jacobian_penalty_all_outputs_and_finite_difference():
     ref = full_jacobian(model, x).pow(2).sum() / x.shape[0]
     exact = jacobian_penalty(model, x, num_projections=None, backend="torch", strategy="loop")
     torch.testing.assert_close(exact, ref)
-    fd, logits = jacobian_penalty(model, x, num_projections=None, estimator="finite_difference", return_logits=True)
-    torch.testing.assert_close(fd, ref)
-    torch.testing.assert_close(logits, model(x))
-    assert rel(param_grad(fd, model), param_grad(exact, model)) < 1e-6
+    g_exact = param_grad(exact, model)
+    for scheme in ("central", "forward"):
+        fd, logits = jacobian_penalty(model, x, num_projections=None, estimator="finite_difference",
+                                      fd_scheme=scheme, return_logits=True)
+        torch.testing.assert_close(fd, ref)
+        torch.testing.assert_close(logits, model(x))
+        assert rel(param_grad(fd, model), g_exact) < 1e-6, scheme
 
 
 def test_jacobian_penalty_projections_are_unbiased():
@@ -423,5 +460,9 @@ def test_bad_settings():
         jacobian_penalty(model, x, num_projections=0)
     with pytest.raises(ValueError):
         jacobian_penalty(model, x, estimator="noise")
+    with pytest.raises(ValueError, match="fd_scheme"):
+        DistillationLoss(teacher, estimator="finite_difference", fd_scheme="backward")
+    with pytest.raises(ValueError, match="fd_scheme"):
+        jacobian_penalty(model, x, estimator="finite_difference", fd_scheme="Central")
     with pytest.raises(ValueError, match="teacher"):
         DistillationLoss(None)(model, x, torch.zeros(x.shape[0], dtype=torch.long))

@@ -13,7 +13,9 @@ each with its own copy of the same initial student and optimizer, timed round-ro
   afterwards) and one for the student (``create_graph=True``), the eager reference loss
   (``jacfast.reference.jacobian_matching_loss``), KD and CE.
 - ``jacfast-exact``: ``DistillationLoss(estimator="exact", strategy="auto")``.
-- ``jacfast-fd``: ``DistillationLoss(estimator="finite_difference", strategy="auto")``.
+- ``jacfast-fd``: ``DistillationLoss(estimator="finite_difference", strategy="auto")``
+  (central differences: 2K perturbed forward and backward passes of the student).
+- ``jacfast-fd-forward``: the same with ``fd_scheme="forward"`` (K passes; O(step) bias).
 - ``jacfast-cache``: the exact estimator with the teacher's logits, indices and rows read
   from a :class:`jacfast.TeacherCache` built once beforehand over the rotated batches (a
   small fixed data set); its build time is reported as ``cache_build_ms``, not in the step.
@@ -56,7 +58,7 @@ SETUPS = {
     "smoke": {"batch": 4, "shape": (3, 8, 8), "width": 2, "ks": (2,), "classes": 10},
 }
 TEACHER_WIDTH = 4  # teacher width / student width
-PROVIDERS = ("kd-floor", "naive-loop", "jacfast-exact", "jacfast-fd", "jacfast-cache")
+PROVIDERS = ("kd-floor", "naive-loop", "jacfast-exact", "jacfast-fd", "jacfast-fd-forward", "jacfast-cache")
 BETA, TEMPERATURE, LR = 1.0, 4.0, 0.01
 
 
@@ -90,9 +92,11 @@ def _step_fn(name, student, teacher, data, k, cache=None):
     xs, ys = data
     sets = len(xs)
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
-    est = {"jacfast-exact": "exact", "jacfast-fd": "finite_difference", "jacfast-cache": "exact"}.get(name)
-    loss_fn = DistillationLoss(teacher, k=k, beta=BETA, temperature=TEMPERATURE, estimator=est, strategy="auto") \
-        if est else None
+    est = {"jacfast-exact": "exact", "jacfast-fd": "finite_difference", "jacfast-fd-forward": "finite_difference",
+           "jacfast-cache": "exact"}.get(name)
+    scheme = "forward" if name == "jacfast-fd-forward" else "central"
+    loss_fn = DistillationLoss(teacher, k=k, beta=BETA, temperature=TEMPERATURE, estimator=est, fd_scheme=scheme,
+                               strategy="auto") if est else None
     batch = xs[0].shape[0]
     extra = {"bytes": 0}  # numpy-owned bytes of the cache lookup, for the memory figure
 

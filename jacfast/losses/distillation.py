@@ -16,10 +16,12 @@ Estimators of J and of its parameter gradient (``estimator=``):
 - ``"finite_difference"``: first-order only. Student rows without a graph, then
   g = dJ/dJ_s from ``jacobian_matching_loss_and_grad`` (no autograd) and the parameter
   gradient of J is that of the directional derivative sum_{b,k} <grad_x S_k(x_b), g_bk>, taken
-  by a central difference (S_k(x + e g_k) - S_k(x - e g_k)) / 2e with ordinary backprop.
-  The returned J has the exact value: ``J = value + (surrogate - surrogate.detach())``.
-  Works for students whose ops have no double backward (fused attention, cuDNN RNNs,
-  ``once_differentiable`` Functions). See :func:`fd_directional` for the step and its bias.
+  by a central difference (S_k(x + e g_k) - S_k(x - e g_k)) / 2e with ordinary backprop, or
+  with ``fd_scheme="forward"`` by (S_k(x + e g_k) - S_k(x)) / e (half the perturbed passes,
+  first-order accurate). The returned J has the exact value:
+  ``J = value + (surrogate - surrogate.detach())``. Works for students whose ops have no
+  double backward (fused attention, cuDNN RNNs, ``once_differentiable`` Functions). See
+  :mod:`jacfast.losses.finite_difference` for the step and its bias.
 - ``"noise"``: Proposition 1 itself. For inputs x + xi, xi ~ N(0, sigma^2 I),
   E||T(x+xi) - S(x+xi)||^2 = ||T(x) - S(x)||^2 + sigma^2 sum_k ||grad T_k - grad S_k||^2 + O(sigma^4)
   (exact for affine T, S), so J = (E||.||^2_noisy - ||.||^2_clean) / sigma^2 over the selected
@@ -39,21 +41,16 @@ teacher is not a submodule of the loss (its mode and device stay yours: use ``te
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import warnings
-import weakref
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jacfast.losses.finite_difference import check_scheme, fd_directional, forward_many, rng_state
+
 ESTIMATORS = ("exact", "finite_difference", "noise")
 SELECTIONS = ("topk", "target", "all")
-# Relative central-difference step ~ cbrt(machine eps): balances O(e^2) truncation against
-# O(u / e) round-off for smooth networks (measured on a GELU CNN: fp32 gradients within ~3e-5).
-_DEFAULT_REL_STEP = {torch.float64: 6e-6, torch.float32: 4.9e-3, torch.float16: 0.1, torch.bfloat16: 0.2}
 
 
 class TeacherOutputs(NamedTuple):
@@ -140,150 +137,6 @@ def _first_order_rows(values: Tensor, x_in: Tensor) -> Tensor:
     return torch.stack(rows, 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Forwards at perturbed inputs: same batch statistics, same dropout masks
-# ----------------------------------------------------------------------------------------------
-def _separate_passes(model) -> bool:
-    """Whether perturbed copies of a batch must run as separate forwards rather than one
-    concatenated batch: a train-mode BatchNorm couples samples, dropout-like modules draw
-    random masks per position. Callables that are not modules are treated as such too."""
-    if not isinstance(model, nn.Module):
-        return True
-    for m in model.modules():
-        if not m.training:
-            continue
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
-            return True
-        if any(isinstance(getattr(m, a, None), float) and getattr(m, a) > 0 for a in ("dropout", "drop_prob")):
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def _frozen_running_stats(model):
-    """Extra forwards must not update BatchNorm running statistics. They run on copies of the
-    buffers, and the originals are put back by attribute (never written in place: the main
-    forward's graph has saved them, and an in-place write would invalidate its backward)."""
-    mods = [m for m in (model.modules() if isinstance(model, nn.Module) else ())
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    names = ("running_mean", "running_var", "num_batches_tracked")
-    saved = [{n: getattr(m, n) for n in names if getattr(m, n) is not None} for m in mods]
-    for m, bufs in zip(mods, saved):
-        for n, b in bufs.items():
-            setattr(m, n, b.clone())
-    try:
-        yield
-    finally:
-        for m, bufs in zip(mods, saved):
-            for n, b in bufs.items():
-                setattr(m, n, b)
-
-
-def rng_state(device: torch.device):
-    """RNG state to replay before perturbed forwards (so dropout masks equal the main forward's)."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def forward_many(model, fn: Callable[[Tensor], Tensor], xs: list, state) -> list:
-    """``fn(x_i)`` for each perturbed batch x_i (each (B, ...)), as if each were the main forward:
-
-    concatenated into one batch when the model is sample-independent and deterministic, else
-    one forward each with the RNG replayed to ``state`` and BatchNorm running stats untouched.
-    The global RNG continues as if these forwards had not happened.
-    """
-    if not _separate_passes(model):
-        return list(fn(torch.cat(xs)).split(xs[0].shape[0]))
-    cpu, cuda = state
-    device = xs[0].device
-    outs = []
-    with torch.random.fork_rng(devices=[device] if cuda is not None else []), _frozen_running_stats(model):
-        for xp in xs:
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda, device)
-            outs.append(fn(xp))
-    return outs
-
-
-_KINKED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.modules.pooling._MaxPoolNd)
-_warned: "weakref.WeakSet" = weakref.WeakSet()
-
-
-def _warn_kinks(model) -> None:
-    """Once per model: the finite-difference gradient is unreliable at ReLU / max-pool kinks."""
-    if not isinstance(model, nn.Module) or model in _warned:
-        return
-    _warned.add(model)
-    kinked = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _KINKED)})
-    if kinked:
-        warnings.warn(f"estimator='finite_difference' on a network with {', '.join(kinked)}: its parameter "
-                      "gradient is wrong by O(1/step) wherever a perturbation crosses a kink (see "
-                      "jacfast.losses.distillation.fd_directional); prefer estimator='exact' or smooth "
-                      "activations", stacklevel=3)
-
-
-def default_rel_step(dtype: torch.dtype) -> float:
-    return _DEFAULT_REL_STEP.get(dtype, 1e-3)
-
-
-def fd_directional(model, fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, *, rel_step: Optional[float] = None,
-                   state=None) -> Tensor:
-    """sum_{b,k} <grad_x fn(x)[b, k], g[b, k]> by central differences, differentiable wrt parameters.
-
-    Args:
-        model: the module ``fn`` runs (to detect batch coupling / dropout; see :func:`forward_many`).
-        fn: (N, *x.shape[1:]) -> (N, K) selected scalar outputs; row n belongs to sample n % B.
-        x: (B, *input_dims). g: (B, K, *input_dims), detached directions (dJ/dJ_s).
-        rel_step: step length relative to ||x_b|| (default :func:`default_rel_step` of x's dtype,
-            or of the autocast dtype inside ``torch.autocast``).
-        state: :func:`rng_state` captured before the main forward.
-
-    Per (b, k) the step is e_bk = rel_step * ||x_b|| / ||g_bk|| (so ||e g|| = rel_step ||x_b||;
-    sqrt(D) replaces ||x_b|| = 0). With separate passes (BatchNorm in training couples samples)
-    one e_k per output is shared by the batch, which keeps the difference an exact directional
-    derivative of the summed outputs.
-
-    Bias. Smooth networks (tanh, GELU, SiLU, softplus): the central difference is exact up to
-    O(e^2) (third derivatives) plus round-off O(u / rel_step); the default step ~ cbrt(u)
-    balances them (fp32: ~3e-5 relative on a GELU CNN, fp64: ~1e-8).
-    ReLU / max-pool kinks: between kinks the network is piecewise linear and the difference is
-    exact (round-off only). But the *parameter gradient* of S jumps by O(1) where a
-    pre-activation changes sign, so a unit whose sign differs between x - e g and x + e g adds
-    an O(1 / e) error, with probability O(e): the error does not shrink with e on average (it
-    is the kinks' Dirac second derivative, which double backward drops, sampled along +-e g)
-    and is heavy-tailed (measured: one crossing in a 300-unit CNN gives
-    errors of 1-20x the gradient norm). It matches the exact estimator only when no unit
-    crosses, i.e. for inputs far enough from kinks or a step below the kink margin (then
-    limited by round-off, ~1e-7 / rel_step in fp32). Prefer smooth activations in students
-    trained with this estimator. Low precision: pass a larger step or run the network in fp32.
-    """
-    _warn_kinks(model)
-    B, K = g.shape[:2]
-    dtype = x.dtype  # under autocast the network computes (and rounds) in the autocast dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    rel = default_rel_step(dtype) if rel_step is None else float(rel_step)
-    if not rel > 0:
-        raise ValueError(f"the finite-difference step must be positive, got {rel_step!r}")
-    gf = g.detach().reshape(B, K, -1)
-    gnorm = torch.linalg.vector_norm(gf, dim=2)  # (B, K)
-    xnorm = torch.linalg.vector_norm(x.detach().reshape(B, -1), dim=1)  # (B,)
-    h = rel * torch.where(xnorm > 0, xnorm, torch.full_like(xnorm, math.sqrt(gf.shape[2])))
-    separate = _separate_passes(model)
-    tiny = torch.finfo(gnorm.dtype).tiny
-    if separate:  # one step per output k for the whole batch
-        rms = gnorm.pow(2).mean(0).sqrt()
-        eps = torch.where(rms > 0, h.mean() / rms.clamp_min(tiny), torch.ones_like(rms)).expand(B, K)
-    else:  # rows with g = 0 contribute nothing; any finite step will do for them
-        eps = torch.where(gnorm > 0, h[:, None] / gnorm.clamp_min(tiny), torch.ones_like(gnorm))
-    step = (eps[..., None] * gf).reshape(g.shape)  # (B, K, *input_dims)
-    xs = [x + step[:, k] for k in range(K)] + [x - step[:, k] for k in range(K)]
-    outs = forward_many(model, fn, xs, state if state is not None else rng_state(x.device))
-    plus = torch.stack([outs[k][:, k] for k in range(K)], 1)
-    minus = torch.stack([outs[K + k][:, k] for k in range(K)], 1)
-    return ((plus - minus) / (2 * eps.to(plus.dtype))).sum()
-
-
 def _attach(value: Tensor, surrogate: Tensor) -> Tensor:
     """``value`` in the forward, ``surrogate``'s gradient in the backward."""
     return value.detach().to(surrogate.dtype) + (surrogate - surrogate.detach())
@@ -308,8 +161,10 @@ class DistillationLoss(nn.Module):
         kind: "normalized" (default) | "squared" | None (default: "normalized", or "squared"
             for the noise estimator, which estimates only that kind).
         estimator: "exact" (default) | "finite_difference" | "noise".
-        fd_step: relative step of the finite-difference estimator (default: by dtype, see
-            :func:`fd_directional`).
+        fd_step: relative step of the finite-difference estimator (default: by dtype and
+            scheme, see :func:`jacfast.losses.finite_difference.fd_directional`).
+        fd_scheme: "central" (default: 2K perturbed forwards, O(step^2) truncation) or
+            "forward" (K perturbed forwards and the main one, O(step) truncation).
         noise_sigma, noise_samples: Gaussian sigma (absolute, in input units; default 0.05)
             and number of antithetic pairs (default 1) of the noise estimator.
         strategy: passed to ``input_jacobians``; backend: to ``jacobian_matching_loss``.
@@ -323,10 +178,12 @@ class DistillationLoss(nn.Module):
     def __init__(self, teacher: Optional[nn.Module] = None, *, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  beta: float = 1.0, temperature: float = 4.0, select: str = "topk", k: int = 1,
                  kind: Optional[str] = None, estimator: str = "exact", fd_step: Optional[float] = None,
-                 noise_sigma: float = 0.05, noise_samples: int = 1, strategy: str = "auto", backend: str = "auto"):
+                 fd_scheme: str = "central", noise_sigma: float = 0.05, noise_samples: int = 1,
+                 strategy: str = "auto", backend: str = "auto"):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.fd_scheme = check_scheme(fd_scheme)
         if select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
         if kind is None:
@@ -351,7 +208,8 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, beta={self.beta}, T={self.temperature}, "
-                f"select={self.select!r}, k={self.k}, kind={self.kind!r}, estimator={self.estimator!r}")
+                f"select={self.select!r}, k={self.k}, kind={self.kind!r}, estimator={self.estimator!r}"
+                + (f", fd_scheme={self.fd_scheme!r}" if self.estimator == "finite_difference" else ""))
 
     # -- teacher --------------------------------------------------------------------------------
     def _selection(self, target):
@@ -426,15 +284,17 @@ class DistillationLoss(nn.Module):
 
     def _finite_difference(self, student, x: Tensor, t: TeacherOutputs):
         # One forward with a graph (kept for CE/KD), K first-order row backwards, one fused
-        # loss-and-grad pass, then 2K perturbed forwards whose backward is ordinary backprop.
+        # loss-and-grad pass, then 2K (central) or K (forward) perturbed forwards whose
+        # backward is ordinary backprop.
         x_in = x if x.requires_grad else x.detach().requires_grad_(True)
         state = rng_state(x.device)
         logits = _check_logits(student(x_in), x.shape[0], "student")
         J_s = _first_order_rows(_pick(logits, t.indices, None), x_in)
         value, g = _jm().jacobian_matching_loss_and_grad(J_s, t.jac.to(J_s.dtype), kind=self.kind,
                                                          backend=self.backend)
+        base = _pick(logits, t.indices, None) if self.fd_scheme == "forward" else None
         surrogate = fd_directional(student, lambda xp: _pick(student(xp), t.indices, None), x, g,
-                                   rel_step=self.fd_step, state=state)
+                                   rel_step=self.fd_step, state=state, base=base)
         return logits, _attach(value, surrogate)
 
     def _noise(self, student, x: Tensor, t: TeacherOutputs):
@@ -465,8 +325,8 @@ def _jm():
 # Jacobian-norm penalty on one model
 # ----------------------------------------------------------------------------------------------
 def jacobian_penalty(model, x: Tensor, *, num_projections: Optional[int] = 1, estimator: str = "exact",
-                     fd_step: Optional[float] = None, strategy: str = "auto", backend: str = "auto",
-                     return_logits: bool = False):
+                     fd_step: Optional[float] = None, fd_scheme: str = "central", strategy: str = "auto",
+                     backend: str = "auto", return_logits: bool = False):
     """Jacobian-norm regularizer: an estimate of mean_b ||d model(x_b) / d x_b||_F^2.
 
     Args:
@@ -476,7 +336,8 @@ def jacobian_penalty(model, x: Tensor, *, num_projections: Optional[int] = 1, es
             per sample (Hutchinson: E ||v^T J||^2 = ||J||_F^2; the estimate averages the K rows);
             None for all C outputs (exact, C backward passes).
         estimator: "exact" (double backward) | "finite_difference" (first-order only, as in
-            :class:`DistillationLoss`; exact value, central-difference parameter gradient).
+            :class:`DistillationLoss`; exact value, finite-difference parameter gradient).
+        fd_step, fd_scheme: the finite-difference step and scheme, as in :class:`DistillationLoss`.
         return_logits: also return the model's logits (B, C) from the same forward (with graph).
 
     Returns:
@@ -485,6 +346,7 @@ def jacobian_penalty(model, x: Tensor, *, num_projections: Optional[int] = 1, es
     _check_input(x)
     if estimator not in ("exact", "finite_difference"):
         raise ValueError(f"estimator must be 'exact' or 'finite_difference', got {estimator!r}")
+    check_scheme(fd_scheme)
     if num_projections is not None and (isinstance(num_projections, bool) or not isinstance(num_projections, int)
                                         or num_projections < 1):
         raise ValueError(f"num_projections must be a positive int or None (all outputs), got {num_projections!r}")
@@ -507,7 +369,8 @@ def jacobian_penalty(model, x: Tensor, *, num_projections: Optional[int] = 1, es
         proj = torch.randint(0, 2, (B, num_projections, C), device=x.device).to(logits.dtype).mul_(2).sub_(1)
     rows = _first_order_rows(_pick(logits, idx, proj), x_in)
     value, g = _jm().jacobian_matching_loss_and_grad(rows, kind="norm", backend=backend)
+    base = _pick(logits, idx, proj) if fd_scheme == "forward" else None
     surrogate = fd_directional(model, lambda xp: _pick(model(xp), idx, proj), x, g * scale,
-                               rel_step=fd_step, state=state)
+                               rel_step=fd_step, state=state, base=base)
     pen = _attach(value * scale, surrogate)
     return (pen, logits) if return_logits else pen

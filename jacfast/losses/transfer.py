@@ -39,9 +39,8 @@ from jacfast.losses.distillation import (
     _check_target,
     _first_order_rows,
     _jm,
-    fd_directional,
-    rng_state,
 )
+from jacfast.losses.finite_difference import check_scheme, fd_directional, rng_state
 
 
 class TransferOutput(NamedTuple):
@@ -135,8 +134,10 @@ class TransferLoss(nn.Module):
         p: exponent of the attention map (default 2).
         kind: kind of the Jacobian loss, "normalized" (default, the paper's) or "squared".
         estimator: "exact" (double backward) | "finite_difference" (first order only; see
-            :func:`jacfast.losses.distillation.fd_directional`).
-        fd_step: relative finite-difference step (default by dtype).
+            :func:`jacfast.losses.finite_difference.fd_directional`).
+        fd_step: relative finite-difference step (default by dtype and scheme).
+        fd_scheme: "central" (default) or "forward" (half the perturbed forwards, first-order
+            accurate), as in :class:`jacfast.losses.DistillationLoss`.
         adapters: optional {student_name: module} applied to the student's features before
             activation matching (registered here, so ``loss.parameters()`` holds them).
         backend: of ``jacobian_matching_loss``.
@@ -148,7 +149,8 @@ class TransferLoss(nn.Module):
     def __init__(self, teacher: nn.Module, student: nn.Module, layers, *, ce_weight: float = 1.0,
                  activation_weight: float = 0.0, attention_weight: float = 1.0, jacobian_weight: float = 1.0,
                  p: float = 2.0, kind: str = "normalized", estimator: str = "exact",
-                 fd_step: Optional[float] = None, adapters: Optional[dict] = None, backend: str = "auto"):
+                 fd_step: Optional[float] = None, fd_scheme: str = "central", adapters: Optional[dict] = None,
+                 backend: str = "auto"):
         super().__init__()
         if isinstance(layers, dict):
             pairs = list(layers.items())
@@ -178,6 +180,7 @@ class TransferLoss(nn.Module):
         self.ce_weight, self.activation_weight = ce_weight, activation_weight
         self.attention_weight, self.jacobian_weight = attention_weight, jacobian_weight
         self.p, self.kind, self.estimator, self.fd_step, self.backend = float(p), kind, estimator, fd_step, backend
+        self.fd_scheme = check_scheme(fd_scheme)
 
     def extra_repr(self) -> str:
         return (f"pairs={self.pairs}, weights=(ce={self.ce_weight}, act={self.activation_weight}, "
@@ -273,4 +276,5 @@ class TransferLoss(nn.Module):
             return torch.cat([_pool_to(attention_map(feats[name], self.p), grid, False).flatten(1)
                               .gather(1, i_star.repeat(reps, 1)) for name, grid, i_star in where], 1)
 
-        return _attach(value, fd_directional(student, values_at, x, g, rel_step=self.fd_step, state=state))
+        base = s_vals if self.fd_scheme == "forward" else None  # the main forward's values, with their graph
+        return _attach(value, fd_directional(student, values_at, x, g, rel_step=self.fd_step, state=state, base=base))
