@@ -1,6 +1,6 @@
 // The fused forward_backward kernel of the loss head (rows_fused_kernel) and the row barrier
-// its split rows use. Included once, by jacobian_matching.cu, after the stage-1 kernel whose
-// summation order it reproduces; the launcher there decides which rows it takes.
+// its split rows use. Included once, by jacobian_matching.cu, whose stage-1 and finishing
+// kernels' summation order it reproduces and whose launcher decides which rows it takes.
 #pragma once
 
 #include "jacobian_matching_device.cuh"
