@@ -2,8 +2,8 @@
 
 forward_backward keeps the kernel contract there too: the bits of forward then backward
 (grad_loss = 1). The CUDA backend fuses such rows by cutting them into segments that fit a
-block's registers and meeting the blocks of a row at a barrier; these tests pin which rows
-take that path and check NaN still reaches the loss of its row through the barrier.
+block's registers (for the normalized kind the blocks of a row meet at a barrier); these
+tests pin which rows take which path and check NaN still reaches the loss of its row.
 """
 import pytest
 import torch
@@ -38,10 +38,11 @@ def test_forward_backward_bits_on_image_rows(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
 def test_forward_backward_bits_on_a_row_of_too_many_segments(backend, device):
-    """One row of 2^24 elements: more segments than CUDA fuses (forward then backward)."""
+    """One row of 2^24 elements: more segments than CUDA's row barrier takes (the normalized
+    kind runs forward then backward; squared and norm, which need no barrier, stay fused)."""
     _skip_interpreter(backend, device)
     kernels = registry.kernels(backend, "jacobian_matching")
-    for kind_name, kind in (("normalized", 0), ("squared", 1)):
+    for kind_name, kind in (("normalized", 0), ("squared", 1), ("norm", 2)):
         s, t = make_pair((1, 2**24 + 3), torch.float32, device, kind_name)
         for reduction in (0, 1):
             assert_forward_backward_bits(kernels, s, t, kind, reduction)
@@ -116,23 +117,24 @@ def _cuda_available() -> bool:
 @pytest.mark.skipif(not _cuda_available(), reason="needs the CUDA backend on a GPU")
 def test_cuda_fused_paths():
     """Which kernel CUDA's forward_backward runs (0: forward then backward, 1: rows in
-    registers, 2: split rows at a row barrier), so a change that loses a fusion fails here
-    rather than only in the benchmark. Split counts from the plan in jacobian_matching.cu."""
+    registers, 2: split rows; the normalized kind's at a row barrier, of at most 128 segments;
+    squared and norm need none), so a change that loses a fusion fails here rather than only
+    in the benchmark. Segment counts: test_cuda_split_plan_fits_the_fused_kernel."""
     path = torch.ops.jacfast_cuda._fused_path
-    cases = {
-        (8192, 784, torch.float32): 1,      # warp layout, 196 groups
-        (17, 1024, torch.float32): 1,       # warp layout, 256 groups: the limit
-        (9, 1025, torch.float32): 1,        # block layout from 257 groups, unsplit
-        (9, 2048, torch.float16): 1,        # 256 groups of 8 halves
-        (2048, 3072, torch.float32): 1,     # block layout, unsplit (R >= 1024 / 1)
-        (3, 4096, torch.float32): 2,        # 2 segments of 512 groups
-        (16, IMAGE, torch.float32): 2,      # 64 segments
-        (128, IMAGE, torch.float32): 2,     # 37 segments of <= 1024 groups
-        (16, IMAGE, torch.bfloat16): 2,
-        (1, IMAGE, torch.float32): 2,       # 73 segments
-        (1, IMAGE, torch.float64): 0,       # 147 segments: more than kMaxFusedSplits (128)
-        (1, 2**24 + 3, torch.float32): 0,   # 4097 segments
+    cases = {  # (rows, dim, dtype): (normalized, squared and norm)
+        (8192, 784, torch.float32): (1, 1),     # warp layout, 196 groups
+        (17, 1024, torch.float32): (1, 1),      # warp layout, 256 groups: the limit
+        (9, 1025, torch.float32): (1, 1),       # block layout from 257 groups, unsplit
+        (9, 2048, torch.float16): (1, 1),       # 256 groups of 8 halves
+        (2048, 3072, torch.float32): (1, 1),    # block layout, unsplit (R >= 1024)
+        (3, 4096, torch.float32): (2, 2),       # 2 segments of 512 groups
+        (16, IMAGE, torch.float32): (2, 2),     # 64 segments
+        (128, IMAGE, torch.float32): (2, 2),    # 37 segments of <= 1024 groups
+        (16, IMAGE, torch.bfloat16): (2, 2),    # 36
+        (1, IMAGE, torch.float32): (2, 2),      # 73
+        (1, IMAGE, torch.float64): (0, 2),      # 147: more than the barrier takes
+        (1, 2**24 + 3, torch.float32): (0, 2),  # 4097
     }
-    for (rows, dim, dtype), want in cases.items():
-        for kind in (0, 1, 2):
-            assert path(rows, dim, dtype, kind) == want, (rows, dim, dtype, kind)
+    for (rows, dim, dtype), (normalized, others) in cases.items():
+        got = [path(rows, dim, dtype, kind) for kind in (0, 1, 2)]
+        assert got == [normalized, others, others], (rows, dim, dtype, got)

@@ -288,7 +288,8 @@ int64_t resident_blocks(Kernel kernel) {
 // Which kernel forward_backward runs for a plan (never changes the bits, only the passes):
 //   kUnfused: forward then backward (5 passes over memory);
 //   kFusedRows: rows_fused_kernel, one segment per row, the whole row in registers;
-//   kFusedSplit: rows_fused_kernel, segments of split rows in registers, met at a row barrier.
+//   kFusedSplit: rows_fused_kernel, segments of split rows in registers (normalized kind: met
+//                at a row barrier; squared and norm need none, their coefficients are constants).
 enum FusedPath : int64_t { kUnfused = 0, kFusedRows = 1, kFusedSplit = 2 };
 
 // JACFAST_CUDA_FUSE_SPLIT_ROWS=0 turns the row barrier off (forward then backward, the same
@@ -304,6 +305,7 @@ bool split_rows_fusable() {
 template <typename T, int KIND>
 FusedPath fused_path(const Plan& p, int64_t D) {
   if (p.splits == 1) return kFusedRows;  // the plan's rows and segments fit the fused kernel
+  if (KIND != 0) return kFusedSplit;     // no barrier
   if (p.splits > kMaxFusedSplits || !split_rows_fusable()) return kUnfused;
   return p.splits <= resident_blocks(rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups>) ? kFusedSplit : kUnfused;
 }
@@ -323,9 +325,10 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
   double* cp = coef.data_ptr<double>();
 
   // Workspace: float64 partials when rows are split, float64 row losses for reduction 1
-  // (from stage 1 or the fused kernel, which then finish rows themselves), and for
-  // kFusedSplit the rows' arrival counters and the segment ticket (int32, zeroed).
-  const bool rows_finished = p.splits == 1 || path == kFusedSplit;
+  // (from stage 1 or the fused kernel, which then finish rows themselves), and for the row
+  // barrier the rows' arrival counters and the segment ticket (int32, zeroed).
+  const bool barrier = path == kFusedSplit && KIND == 0;
+  const bool rows_finished = p.splits == 1 || barrier;
   const int64_t n_partials = p.splits > 1 ? R * p.splits * 3 : 0;
   const int64_t n_rowloss = reduction == 1 && rows_finished ? R : 0;
   at::Tensor ws, sync;
@@ -336,7 +339,7 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
     if (n_partials > 0) partials = ws.data_ptr<double>();
     if (n_rowloss > 0) rowloss = ws.data_ptr<double>() + n_partials;
   }
-  if (path == kFusedSplit) sync = at::zeros({R + 1}, s.options().dtype(at::kInt));
+  if (barrier) sync = at::zeros({R + 1}, s.options().dtype(at::kInt));
 
   const int red = static_cast<int>(reduction);
   const unsigned blocks = static_cast<unsigned>(p.blocks);

@@ -84,9 +84,12 @@ __device__ __forceinline__ void row_sums_after_barrier(double (&a)[3], double* _
 // backward_kernel forms it) from the groups it holds: 3 passes over memory instead of 5,
 // the same bits.
 //   splits == 1: one row per team (warp or block layout), the row is blockIdx-derived.
-//   splits > 1 (block layout): segment = ticket from sync[R]; the block of part 0 writes
-//     coef and loss (reduction 0) or rowloss (reduction 1); sync[0..R) are the rows' arrival
-//     counters. sync must be zero at launch.
+//   splits > 1 (block layout), normalized kind: segment = ticket from sync[R]; the segments
+//     of a row meet at the row barrier, the block of part 0 writes coef and loss (reduction
+//     0) or rowloss (reduction 1); sync[0..R) are the rows' arrival counters, zero at launch.
+//   splits > 1, squared and norm kinds: their gradient coefficients are constants, so no
+//     block waits: each writes its partials, as stage 1 does, and its gradient; the finishing
+//     kernel makes coef and loss from the partials afterwards (sync is unused).
 template <typename T, int KIND, int TEAM, int GPL>
 __global__ void __launch_bounds__(kBlock)
 rows_fused_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t R, int64_t D, int64_t splits,
@@ -98,7 +101,8 @@ rows_fused_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t R, i
   constexpr int kTeams = kBlock / TEAM;
   const int lane = threadIdx.x % TEAM, team = threadIdx.x / TEAM;
   int64_t seg = static_cast<int64_t>(blockIdx.x) * kTeams + team;
-  if constexpr (TEAM == kBlock) {
+  constexpr bool kBarrier = KIND == 0;  // split rows wait for their row's sums
+  if constexpr (TEAM == kBlock && kBarrier) {
     if (splits > 1) {
       __shared__ int64_t ticket;
       if (threadIdx.x == 0) ticket = atomicAdd(sync + R, 1);
@@ -160,10 +164,14 @@ rows_fused_kernel(const T* __restrict__ s, const T* __restrict__ t, int64_t R, i
   } else {
     __shared__ double shared_c[2];
     block_sum3(a);  // TEAM == blockDim.x: one segment per block
-    if (splits > 1 && threadIdx.x < kWarp) row_sums_after_barrier(a, partials, sync, row, part, splits);
+    if (kBarrier && splits > 1 && threadIdx.x < kWarp) row_sums_after_barrier(a, partials, sync, row, part, splits);
     if (lane == 0) {
       RowResult o;
-      if (part == 0) {
+      if (!kBarrier && splits > 1) {  // stage 1's partials; coefficients that do not depend on them
+#pragma unroll
+        for (int q = 0; q < 3; ++q) partials[seg * 3 + q] = a[q];
+        o = finalize_row<KIND>(a, eps);
+      } else if (part == 0) {
         o = finish_row<T, KIND>(row, a, eps, coef, loss, reduction);
         if (reduction == 1) rowloss[row] = o.loss;
       } else {
