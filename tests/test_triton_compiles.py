@@ -46,8 +46,11 @@ def configs(tuned, fixed):  # every (constexprs, num_warps) the kernel runs with
 
 for dt, rnd in (("fp32", 0), ("bf16", 2), ("fp16", 1), ("fp64", 0)):
     for cfg, warps in configs(jm.PARTIALS_CONFIGS, jm.FIXED["partials"]):
-        compile_(jm._partials_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", **rows, "CHUNK": "i64",
-                 "S": "i64", "RS": "i64"}, {"KIND": 0, "HAS_T": True, "BLOCK": 2048, "LOG2_BLOCK": 11, **cfg}, warps)
+        for kind, write_grad in ((0, False), (1, True)):  # plain stage 1; squared writing its gradient
+            compile_(jm._partials_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", "gs_ptr": PTR(dt),
+                     **rows, "CHUNK": "i64", "S": "i64", "RS": "i64", "scale_bits": "i64"},
+                     {"KIND": kind, "HAS_T": True, "WRITE_GRAD": write_grad, "REDUCTION": 1, "RND": rnd,
+                      "BLOCK": 2048, "LOG2_BLOCK": 11, **cfg}, warps)
     compile_(jm._finish_kernel, {"ws_ptr": "*fp64", "loss_ptr": PTR(dt), "coef_ptr": "*fp64", "R": "i64", "S": "i64",
              "RS": "i64", "rows_per_prog": "i64", "eps_bits": "i64", "scale_bits": "i64"},
              {"KIND": 0, "REDUCTION": 1, "RND": rnd, "FIN_RB": 2048, "LOG2_FIN_RB": 11, "SB": 1, "LOG2_SB": 0},

@@ -1,8 +1,9 @@
 """The Triton backend's fused forward_backward and its device-side upstream scaling.
 
 forward_backward must give the bits of forward followed by backward(grad_loss = 1) whichever
-path it takes (the fused single-read kernel for rows of up to 2 blocks in one split, else the
-two kernels), and the rows it fuses must match the float64 oracle like the rest.
+path it takes (the fused single-read kernel for rows of up to 2 blocks in one split; for longer
+rows stage 1 writing the gradient of the squared and norm kinds, or the two kernels), and the
+rows it fuses must match the float64 oracle like the rest.
 """
 import os
 
@@ -47,22 +48,31 @@ class _Spy:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_backward_has_the_bits_of_forward_then_backward(triton_kernels, monkeypatch, dtype):
+    """Also which kernels forward_backward launched: the fused one for the rows it takes; for
+    longer rows, stage 1 writing the gradient (squared, norm) or forward then backward."""
     module = triton_kernels
     if module._fused_tuned is not None:  # compiled: the autotuner launches it, the spy cannot count
-        spy = None
+        fused_spy = backward_spy = None
     else:
-        spy = _Spy(module._fused_kernel)
-        monkeypatch.setattr(module, "_fused_kernel", spy)
+        fused_spy, backward_spy = _Spy(module._fused_kernel), _Spy(module._backward_kernel)
+        monkeypatch.setattr(module, "_fused_kernel", fused_spy)
+        monkeypatch.setattr(module, "_backward_kernel", backward_spy)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     for rows, dim, fused in _fused_shapes(DEVICE):
         for kind in (0, 1, 2):
             for reduction in (0, 1):
                 s = torch.randn(rows, dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
                 t = None if kind == 2 else torch.randn(rows, dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-                launches = spy.launches if spy else 0
-                assert_forward_backward_bits(module, s, t, kind, reduction)
-                if spy:
-                    assert spy.launches - launches == int(fused), (rows, dim)
+                if fused_spy:
+                    fused_before = fused_spy.launches
+                    loss, grad = module.forward_backward(s, t, kind, reduction, 1e-12, 1 / rows)
+                    two_passes = not fused and kind == 0
+                    assert fused_spy.launches - fused_before == int(fused), (rows, dim, kind)
+                    assert backward_spy.launches == int(two_passes), (rows, dim, kind)
+                    backward_spy.launches = 0
+                assert_forward_backward_bits(module, s, t, kind, reduction)  # its backward call counts too
+                if backward_spy:
+                    backward_spy.launches = 0
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)

@@ -7,7 +7,9 @@ forward          : 2 launches. Stage 1, grid (row blocks, SPLITS), writes float6
 backward         : 1 elementwise launch, float64 math, rounded once to the input dtype.
 forward_backward : rows of up to 4096 elements in one split: one fused launch reads each row
                    once and writes its gradient, then the finishing kernel (2 launches, 3 passes);
-                   longer rows: forward then backward with grad_loss = 1 (3 launches, 5 passes).
+                   longer rows of the squared and norm kinds: stage 1 writes the gradient too
+                   (2 launches, 3 passes); of the normalized kind: forward then backward with
+                   grad_loss = 1 (3 launches, 5 passes).
 topk_seeds       : re-exported from triton_topk_seeds (where the registry looks for it).
 
 Determinism: every reduction is a sequential loop or a pairwise halving tree whose shape is
@@ -111,11 +113,16 @@ def _rounded(x, out_ptr, RND: tl.constexpr):
     return y
 
 
-@triton.jit
-def _partials_kernel(s_ptr, t_ptr, ws_ptr, R, D, CHUNK, S, RS,
-                     KIND: tl.constexpr, HAS_T: tl.constexpr,
+@triton.jit(do_not_specialize=["scale_bits"])
+def _partials_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, CHUNK, S, RS, scale_bits,
+                     KIND: tl.constexpr, HAS_T: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                     REDUCTION: tl.constexpr, RND: tl.constexpr,
                      BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, TILE: tl.constexpr):
     # Stage 1: program (row block, split) accumulates its [RB, CHUNK] slab in fp64 lanes.
+    # WRITE_GRAD (forward_backward of the squared and norm kinds, whose coefficients are the
+    # constants _row_terms gives, 2 and 2 or 0): also writes grad_s = g (c0 s - c1 t) as
+    # _backward_kernel does, from the same loads. Products by 2 and 0 are exact, so the bits
+    # are _backward_kernel's however the compiler contracts.
     RB: tl.constexpr = TILE // BLOCK  # tile height: changes speed only, never the bits
     rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
     sp = tl.program_id(1).to(tl.int64)
@@ -126,6 +133,10 @@ def _partials_kernel(s_ptr, t_ptr, ws_ptr, R, D, CHUNK, S, RS,
     acc_a = tl.zeros([RB, BLOCK], dtype=tl.float64)
     acc_b = tl.zeros([RB, BLOCK], dtype=tl.float64)
     acc_c = tl.zeros([RB, BLOCK], dtype=tl.float64)
+    if REDUCTION == 0:
+        g = 1.0
+    else:
+        g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
     for k in range(start, end, BLOCK):
         cols = k + tl.arange(0, BLOCK)
         m = rmask[:, None] & (cols < end)[None, :]
@@ -133,9 +144,16 @@ def _partials_kernel(s_ptr, t_ptr, ws_ptr, R, D, CHUNK, S, RS,
         s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float64)
         if KIND == 2:  # norm: ss
             acc_a += s * s
+            if WRITE_GRAD:
+                tl.store(gs_ptr + offs, _rounded(g * (2.0 * s), gs_ptr, RND), mask=m)
         elif KIND == 1:  # squared: dd = sum (s - t)^2 directly, never ss + tt - 2st
             if HAS_T:
-                s = s - tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float64)
+                t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float64)
+                if WRITE_GRAD:
+                    tl.store(gs_ptr + offs, _rounded(g * (2.0 * s - 2.0 * t), gs_ptr, RND), mask=m)
+                s = s - t
+            elif WRITE_GRAD:
+                tl.store(gs_ptr + offs, _rounded(g * (2.0 * s), gs_ptr, RND), mask=m)
             acc_a += s * s
         else:  # normalized: ss, tt, st
             acc_a += s * s
@@ -342,7 +360,8 @@ FUSED_CONFIGS = [triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 8), (1
 FIXED = {"partials": ({"TILE": 4096}, 4), "backward": ({"TILE": 4096}, 4), "fused": ({"RB": 1}, 8)}
 AUTOTUNE = not _INTERPRET and os.environ.get("JACFAST_TRITON_AUTOTUNE", "1").strip() != "0"
 if AUTOTUNE:
-    _partials_tuned = triton.autotune(configs=PARTIALS_CONFIGS, key=["D", "CHUNK", "KIND", "HAS_T"])(_partials_kernel)
+    _partials_tuned = triton.autotune(configs=PARTIALS_CONFIGS,
+                                      key=["D", "CHUNK", "KIND", "HAS_T", "WRITE_GRAD"])(_partials_kernel)
     _backward_tuned = triton.autotune(configs=BACKWARD_CONFIGS,
                                       key=["D", "REDUCTION", "HAS_T", "NEED_S", "NEED_T", "G_ONE"])(_backward_kernel)
     _fused_tuned = triton.autotune(configs=FUSED_CONFIGS, key=["D", "KIND", "HAS_T", "REDUCTION", "RND"])(_fused_kernel)
@@ -354,7 +373,9 @@ else:
 _FUSED_MAX_BLOCKS = 2
 
 
-def forward(student, teacher, kind: int, reduction: int, eps: float, scale: float):
+def forward(student, teacher, kind: int, reduction: int, eps: float, scale: float, grad_student=None):
+    """Loss and coef; with ``grad_student`` (squared and norm kinds only) stage 1 also writes
+    the gradient of forward_backward into it (see _partials_kernel)."""
     R, D = student.shape
     dev = student.device
     has_t = teacher is not None and kind != 2
@@ -362,8 +383,11 @@ def forward(student, teacher, kind: int, reduction: int, eps: float, scale: floa
     block, splits, chunk = _plan(R, D, dev)
     nq = 3 if kind == 0 else 1
     ws = torch.empty((nq, R, splits), dtype=torch.float64, device=dev)
-    args = (student, t, ws, R, D, chunk, splits, R * splits)
-    meta = dict(KIND=kind, HAS_T=has_t, BLOCK=block, LOG2_BLOCK=block.bit_length() - 1)
+    write_grad = grad_student is not None
+    args = (student, t, ws, grad_student if write_grad else student, R, D, chunk, splits, R * splits,
+            _f64_bits(scale))
+    meta = dict(KIND=kind, HAS_T=has_t, WRITE_GRAD=write_grad, REDUCTION=reduction, RND=_rnd(student.dtype),
+                BLOCK=block, LOG2_BLOCK=block.bit_length() - 1)
     if _partials_tuned is None:
         cfg, warps = FIXED["partials"]
         grid = (triton.cdiv(R, cfg["TILE"] // block), splits)
@@ -434,13 +458,19 @@ def forward_backward(student, teacher, kind: int, reduction: int, eps: float, sc
     """forward + backward(grad_loss = 1), the same bits as the two.
 
     Rows that forward sums in one split of at most _FUSED_MAX_BLOCKS blocks are read once
-    (_fused_kernel, then the finishing kernel: 3 passes over memory); longer or split rows
-    run forward, then backward, which reads the inputs a second time (5 passes).
+    (_fused_kernel, then the finishing kernel: 3 passes over memory); longer or split rows of
+    the squared and norm kinds too (stage 1 writes their gradient, whose coefficients are
+    constants); longer or split rows of the normalized kind run forward, then backward, which
+    reads the inputs a second time (5 passes).
     """
     R, D = student.shape
     dev = student.device
     block, splits, _ = _plan(R, D, dev)
     nb = _next_pow2(triton.cdiv(D, block))
+    if (splits > 1 or nb > _FUSED_MAX_BLOCKS) and kind != 0:
+        gs = torch.empty((R, D), dtype=student.dtype, device=dev)
+        loss, _ = forward(student, teacher, kind, reduction, eps, scale, grad_student=gs)
+        return loss, gs
     if splits > 1 or nb > _FUSED_MAX_BLOCKS:
         loss, coef = forward(student, teacher, kind, reduction, eps, scale)
         grad_student, _ = backward(None, student, teacher if kind != 2 else None, coef, reduction,
