@@ -93,11 +93,10 @@ def test_cuda_split_plan_fits_the_fused_kernel(cuda_ops):
     of <= 256 16-byte groups, block-layout segments of <= 1024 covering the row exactly, none
     empty), and the segment counts the comments and README quote."""
     for elem in (2, 4, 8):
-        groups_of = lambda dim: -(-dim // (16 // elem))  # noqa: E731
         for rows in (1, 2, 3, 16, 128, 1000, 1024, 6644):
             for dim in (1, 7, 1024, 1025, 2048, 2049, 4096, 4097, 20000, IMAGE - 5, IMAGE, 2**24 + 3):
                 team, splits, gps = cuda_ops._plan(rows, dim, elem)
-                G = groups_of(dim)
+                G = -(-dim // (16 // elem))  # 16-byte groups in a row
                 if G <= 256:
                     assert (team, splits, gps) == (32, 1, G), (rows, dim, elem)
                 else:

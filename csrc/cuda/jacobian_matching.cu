@@ -303,7 +303,7 @@ bool split_rows_fusable() {
 }
 
 template <typename T, int KIND>
-FusedPath fused_path(const Plan& p, int64_t D) {
+FusedPath fused_path(const Plan& p) {
   if (p.splits == 1) return kFusedRows;  // the plan's rows and segments fit the fused kernel
   if (KIND != 0) return kFusedSplit;     // no barrier
   if (p.splits > kMaxFusedSplits || !split_rows_fusable()) return kUnfused;
@@ -318,7 +318,7 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
   const int64_t R = s.size(0), D = s.size(1);
   const Plan p = make_plan(R, D, sizeof(T));
   TORCH_CHECK(p.blocks <= INT_MAX, "jacfast_cuda.forward: too many rows (", R, ") for one launch");
-  const FusedPath path = gs.defined() ? fused_path<T, KIND>(p, D) : kUnfused;
+  const FusedPath path = gs.defined() ? fused_path<T, KIND>(p) : kUnfused;
   const T* sp = s.data_ptr<T>();
   const T* tp = (KIND != 2 && t.defined()) ? t.data_ptr<T>() : nullptr;  // norm ignores teacher
   T* lp = loss.data_ptr<T>();
@@ -345,13 +345,13 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
   const unsigned blocks = static_cast<unsigned>(p.blocks);
   if (path != kUnfused) {
     T* gp = gs.data_ptr<T>();
-    int* sp_sync = sync.defined() ? sync.data_ptr<int>() : nullptr;
+    int* sync_ptr = sync.defined() ? sync.data_ptr<int>() : nullptr;
     if (p.team == kWarp) {
       rows_fused_kernel<T, KIND, kWarp, kFusedWarpGroups><<<blocks, kBlock, 0, stream>>>(
           sp, tp, R, D, 1, p.gps, nullptr, nullptr, gp, lp, cp, rowloss, red, eps, scale);
     } else {
       rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups><<<blocks, kBlock, 0, stream>>>(
-          sp, tp, R, D, p.splits, p.gps, partials, sp_sync, gp, lp, cp, rowloss, red, eps, scale);
+          sp, tp, R, D, p.splits, p.gps, partials, sync_ptr, gp, lp, cp, rowloss, red, eps, scale);
     }
   } else if (p.team == kWarp) {
     rows_stage1_kernel<T, KIND, kWarp><<<blocks, kBlock, 0, stream>>>(
@@ -446,8 +446,8 @@ int64_t forward_backward_path(int64_t R, int64_t D, at::ScalarType dtype, int64_
   int64_t path = kUnfused;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "jacfast_cuda_fused_path", [&] {
     const Plan p = make_plan(R, D, sizeof(scalar_t));
-    path = kind == 0 ? fused_path<scalar_t, 0>(p, D) : kind == 1 ? fused_path<scalar_t, 1>(p, D)
-                                                                 : fused_path<scalar_t, 2>(p, D);
+    path = kind == 0 ? fused_path<scalar_t, 0>(p) : kind == 1 ? fused_path<scalar_t, 1>(p)
+                                                                 : fused_path<scalar_t, 2>(p);
   });
   return path;
 }
