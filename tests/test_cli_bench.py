@@ -233,12 +233,33 @@ def test_report_prefers_complete_runs_and_labels_incomplete_ones(tmp_path):
     assert "/b.json`" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped
 
 
-def test_report_names_the_cuda_kernel_of_each_row(tmp_path):
-    """CUDA rows say which forward_backward kernel ran (fused rows, fused split rows or two passes)."""
+def test_report_names_the_gpu_kernels_of_each_row(tmp_path):
+    """CUDA and Triton rows say which forward_backward kernels ran (fused rows, fused split rows
+    or two passes)."""
     from jacfast.bench import report
 
     data = _loss_head_result("cuda", "2026-12-01T10:00:00+00:00")
-    data["rows"][0]["cuda_path"] = "fused split rows"
+    data["rows"][0]["kernel_path"] = "fused split rows"
     (tmp_path / "a.json").write_text(json.dumps(data))
     assert "| normalized | float32 | 4096 | 4096 | cuda (fused split rows) | 1.000 |" in report.performance_section(
         str(tmp_path))
+
+
+def test_bench_names_the_triton_kernels(monkeypatch):
+    """The loss-head bench records which kernels Triton's forward_backward runs (the path the
+    kernel module reports, in the CUDA backend's words)."""
+    import importlib
+
+    import torch
+
+    from jacfast import registry
+    from jacfast.bench import loss_head
+
+    if not registry._status_for("triton", "cpu").available:
+        pytest.skip("no Triton interpreter here")
+    cpu = torch.device("cpu")
+    assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "fused split rows"
+    assert loss_head._kernel_path("triton", 64, 3072, torch.float32, "normalized", cpu) == "fused rows"
+    monkeypatch.setattr(importlib.import_module("jacfast.kernels.triton_jacobian_matching_fused"), "FUSE_SPLIT_ROWS",
+                        False)
+    assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "forward then backward"

@@ -5,7 +5,7 @@ compiler: an op the compiler rejects, a type it cannot infer or a layout it cann
 would first show on a lent GPU, whose minutes are few. Triton compiles ahead of time for a
 named target with the ptxas it ships, so this checks (in a child process, since the test
 session has TRITON_INTERPRET set) that each kernel reaches a cubin with every config it
-runs with (autotuned and fixed), and that the fused kernel's largest tile does not spill.
+runs with (autotuned and fixed), and that the fused kernels' largest tiles do not spill.
 """
 import json
 import os
@@ -21,7 +21,7 @@ import json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from jacfast.kernels import triton_jacobian_matching as jm, triton_topk_seeds as tk
+from jacfast.kernels import triton_jacobian_matching as jm, triton_jacobian_matching_fused as jf, triton_topk_seeds as tk
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = lambda dt: "*" + dt
@@ -61,12 +61,20 @@ for dt, rnd in (("fp32", 0), ("bf16", 2), ("fp16", 1), ("fp64", 0)):
                  {"REDUCTION": 0, "HAS_T": True, "NEED_S": True, "NEED_T": True, "RND": rnd, "G_ONE": False,
                   "BD": 1024, **cfg}, warps)
     for kind in (0, 1, 2):
-        for cfg, warps in configs(jm.FUSED_CONFIGS, jm.FIXED["fused"]) if kind == 0 else [jm.FIXED["fused"]]:
-            compile_(jm._fused_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", "gs_ptr": PTR(dt),
+        for cfg, warps in configs(jf.FUSED_CONFIGS, jm.FIXED["fused"]) if kind == 0 else [jm.FIXED["fused"]]:
+            compile_(jf._fused_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", "gs_ptr": PTR(dt),
                      **rows, "eps_bits": "i64", "scale_bits": "i64"},
                      {"KIND": kind, "HAS_T": kind != 2, "REDUCTION": 1, "RND": rnd, "BLOCK": 2048, "LOG2_BLOCK": 11,
                       "NB": 2, **cfg}, warps)
-    compile_(jm._scale_unless_one_kernel, {"x_ptr": PTR(dt), "g_ptr": PTR(dt), "g_stride": "i64", **rows},
+    compile_(jf._barrier_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "ws_ptr": "*fp64", "gs_ptr": PTR(dt),
+             "sync_ptr": "*i32", **rows, "S": "i64", "RS": "i64", "eps_bits": "i64", "scale_bits": "i64",
+             "max_polls": "i32"},
+             {"HAS_T": True, "REDUCTION": 1, "RND": rnd, "BLOCK": 2048, "LOG2_BLOCK": 11, "SB": 64, "LOG2_SB": 6},
+             num_warps=8)
+    compile_(jf._pending_backward_kernel, {"s_ptr": PTR(dt), "t_ptr": PTR(dt), "coef_ptr": "*fp64", "gs_ptr": PTR(dt),
+             "done_ptr": "*i32", "D": "i64", "CHUNK": "i64", "S": "i64", "RS": "i64", "scale_bits": "i64"},
+             {"HAS_T": True, "REDUCTION": 1, "RND": rnd, "PB": 1024, "BD": 1024})
+    compile_(jf._scale_unless_one_kernel, {"x_ptr": PTR(dt), "g_ptr": PTR(dt), "g_stride": "i64", **rows},
              {"RND": rnd, "BD": 1024, "RB": 4})
     compile_(tk._topk_seeds_kernel, {"x_ptr": PTR(dt), "idx_ptr": "*i64", "seeds_ptr": PTR(dt), "B": "i64",
              "C": "i64", "K": "i64"}, {"BLOCK_C": 4096}, num_warps=8)
@@ -83,8 +91,8 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"_partials_kernel", "_finish_kernel", "_backward_kernel", "_fused_kernel",
-                       "_scale_unless_one_kernel", "_topk_seeds_kernel"}
-    for r in results:  # the fused kernel holds whole rows in registers: none may go to local memory
-        if r["kernel"] == "_fused_kernel" and r["stack"] is not None:
+    assert kernels == {"_partials_kernel", "_finish_kernel", "_backward_kernel", "_fused_kernel", "_barrier_kernel",
+                       "_pending_backward_kernel", "_scale_unless_one_kernel", "_topk_seeds_kernel"}
+    for r in results:  # the fused kernels hold rows in registers: none may go to local memory
+        if r["kernel"] in ("_fused_kernel", "_barrier_kernel") and r["stack"] is not None:
             assert r["stack"] == 0, r

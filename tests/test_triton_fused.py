@@ -1,9 +1,10 @@
 """The Triton backend's fused forward_backward and its device-side upstream scaling.
 
 forward_backward must give the bits of forward followed by backward(grad_loss = 1) whichever
-path it takes (the fused single-read kernel for rows of up to 2 blocks in one split; for longer
-rows stage 1 writing the gradient of the squared and norm kinds, or the two kernels), and the
-rows it fuses must match the float64 oracle like the rest.
+path it takes (the fused single-read kernel for rows of up to 2 blocks in one split; for split
+rows stage 1 writing the gradient of the squared and norm kinds, the row-barrier kernel for the
+normalized kind, or forward then backward past one split per SM), and the rows it fuses must
+match the float64 oracle like the rest.
 """
 import os
 
@@ -25,50 +26,110 @@ def triton_kernels():
     return registry.kernels("triton", "jacobian_matching")
 
 
-def _fused_shapes(device):
-    """(R, D, fused?) for the device's split plan: rows of 1 and 2 blocks (of 2048) are fused;
-    longer rows and rows split for want of rows take the two-kernel path."""
+def _path_shapes(device):
+    """(R, D, path of the normalized kind) for the device's split plan: rows of 1 and 2 blocks
+    (of 2048) in one split are "fused"; longer rows, and rows split for want of rows, go in
+    splits of one block to the row "barrier", or "two-pass" past one split per SM. Squared and
+    norm rows are fused either way (in one kernel, or by stage 1 writing their gradient)."""
     from jacfast.kernels.triton_jacobian_matching import _num_sms
 
     many = 4 * _num_sms(device)  # at least this many rows: one split per row
-    return [(many + 1, 784, True), (many, 2048, True), (many, 3072, True), (many + 2, 4096, True),
-            (many + 3, 1, True), (many, 4097, False), (many, 8192, False), (2, 3072, False)]
+    beyond = (_num_sms(device) + 1) * 2048 + 1  # one split more than the barrier takes
+    return [(many + 1, 784, "fused"), (many, 2048, "fused"), (many, 3072, "fused"), (many + 2, 4096, "fused"),
+            (many + 3, 1, "fused"), (many, 4097, "barrier"), (5, 8192, "barrier"), (2, 3072, "barrier"),
+            (2, beyond, "two-pass")]
 
 
 class _Spy:
-    """Stands in for a Triton kernel in ``module``: counts launches, then launches it."""
+    """Stands in for a Triton kernel in ``module``: counts launches and keeps the arguments
+    of the last, then launches it."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches, self.args = kernel, 0, None
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.launches += 1
+            self.args = args
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _fused_module():
+    import importlib
+
+    return importlib.import_module("jacfast.kernels.triton_jacobian_matching_fused")
+
+
+def _spies(monkeypatch, *names):
+    """Spies on the kernels of forward_backward's module (and _backward_kernel in forward's),
+    or None where the autotuner launches them (compiled)."""
+    fused = _fused_module()
+    if fused._fused_tuned is not None:
+        return None
+    spies = {}
+    for name in names:
+        module = fused if hasattr(fused, name) else registry.kernels("triton", "jacobian_matching")
+        spies[name] = _Spy(getattr(module, name))
+        monkeypatch.setattr(module, name, spies[name])
+    return spies
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_backward_has_the_bits_of_forward_then_backward(triton_kernels, monkeypatch, dtype):
-    """Also which kernels forward_backward launched: the fused one for the rows it takes; for
-    longer rows, stage 1 writing the gradient (squared, norm) or forward then backward."""
-    module = triton_kernels
-    if module._fused_tuned is not None:  # compiled: the autotuner launches it, the spy cannot count
-        fused_spy = backward_spy = None
-    else:
-        fused_spy, backward_spy = _Spy(module._fused_kernel), _Spy(module._backward_kernel)
-        monkeypatch.setattr(module, "_fused_kernel", fused_spy)
-        monkeypatch.setattr(module, "_backward_kernel", backward_spy)
+    """Also which kernels forward_backward launched for each path."""
+    spies = _spies(monkeypatch, "_fused_kernel", "_barrier_kernel", "_pending_backward_kernel",
+                   "_backward_kernel")
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    for rows, dim, fused in _fused_shapes(DEVICE):
+    for rows, dim, path in _path_shapes(DEVICE):
         for kind in (0, 1, 2):
             for reduction in (0, 1):
                 s = torch.randn(rows, dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
                 t = None if kind == 2 else torch.randn(rows, dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-                before = (fused_spy.launches, backward_spy.launches) if fused_spy else None
-                assert_forward_backward_bits(module, s, t, kind, reduction)  # forward_backward, forward, backward
-                if fused_spy:
-                    two_passes = not fused and kind == 0  # forward then backward inside forward_backward
-                    assert fused_spy.launches - before[0] == int(fused), (rows, dim, kind)
-                    assert backward_spy.launches - before[1] == int(two_passes) + 1, (rows, dim, kind)
+                before = {name: spy.launches for name, spy in spies.items()} if spies else None
+                assert_forward_backward_bits(triton_kernels, s, t, kind, reduction)  # forward_backward, forward, backward
+                taken = path if kind == 0 else ("fused" if path == "fused" else "stage 1")
+                code = {"two-pass": 0, "fused": 1, "barrier": 2, "stage 1": 2}[taken]  # the CUDA backend's codes
+                assert triton_kernels.fused_path(rows, dim, kind, DEVICE) == code, (rows, dim, kind)
+                if spies:
+                    ran = {name: spy.launches - before[name] for name, spy in spies.items()}
+                    want = {"_fused_kernel": int(taken == "fused"), "_barrier_kernel": int(taken == "barrier"),
+                            "_pending_backward_kernel": int(taken == "barrier"),
+                            "_backward_kernel": 1 + int(taken == "two-pass")}  # + the test's own backward
+                    assert ran == want, (rows, dim, kind, taken)
+
+
+def test_row_barrier_gives_up_without_changing_the_bits(triton_kernels, monkeypatch):
+    """The interpreter runs programs one after another, so every split but a row's last gives
+    up waiting and _pending_backward_kernel writes it; compiled on a GPU, nearly all splits pass
+    the barrier. Either way the bits of forward then backward, NaN included: a NaN in a row's
+    last split makes that whole row's gradient NaN, and only that row's."""
+    spies = _spies(monkeypatch, "_barrier_kernel")
+    rows, dim = 3, 4 * 2048 - 5  # 4 splits, the last one partial
+    s, t = make_pair((rows, dim), torch.float32, DEVICE, "normalized")
+    for reduction in (0, 1):
+        assert_forward_backward_bits(triton_kernels, s, t, 0, reduction)
+        if spies:
+            sync = spies["_barrier_kernel"].args[4]  # [ticket, arrived per row, done per split]
+            assert sync[0] == rows * 4 and torch.equal(sync[1:1 + rows], torch.full((rows,), 4, dtype=sync.dtype))
+            assert torch.equal(sync[1 + rows:].reshape(rows, 4).sum(1), torch.ones(rows, dtype=sync.dtype))
+    s[1, dim - 3] = float("nan")
+    loss, grad = triton_kernels.forward_backward(s, t, 0, 0, 1e-12, 1.0)
+    loss2, coef = triton_kernels.forward(s, t, 0, 0, 1e-12, 1.0)
+    grad2, _ = triton_kernels.backward(torch.ones_like(loss2), s, t, coef, 0, 1.0, True, False)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
+    assert torch.equal(loss[[0, 2]], loss2[[0, 2]]) and torch.equal(grad[[0, 2]], grad2[[0, 2]])
+    assert torch.isnan(loss2[1]) and torch.isnan(grad2[1]).all()
+
+
+def test_row_barrier_can_be_turned_off(triton_kernels, monkeypatch):
+    """JACFAST_TRITON_FUSE_SPLIT_ROWS=0 (read at import): normalized split rows go forward then
+    backward, the same bits; squared and norm keep stage 1's gradient (no barrier)."""
+    monkeypatch.setattr(_fused_module(), "FUSE_SPLIT_ROWS", False)
+    assert [triton_kernels.fused_path(2, 3072, kind, DEVICE) for kind in (0, 1, 2)] == [0, 2, 2]
+    s, t = make_pair((2, 3072), torch.float32, DEVICE, "normalized")
+    assert_forward_backward_bits(triton_kernels, s, t, 0, 1)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)

@@ -128,21 +128,26 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                             "speedup_vs_best_other": min(others) / timing.median,
                             "max_rel_err": errors.get(name), "peak_mb": peak / 2**20,
                         }
-                        if name == "jacfast-cuda" and mode == "fwd+bwd":
-                            row["cuda_path"] = _cuda_path(rows, dim, dtype, kind)
+                        if name in ("jacfast-cuda", "jacfast-triton") and mode == "fwd+bwd":
+                            row["kernel_path"] = _kernel_path(name[8:], rows, dim, dtype, kind, device)
                         rows_out.append(row)
                         if progress is not None:
                             progress(row)
     return rows_out
 
 
-_CUDA_PATHS = {0: "forward then backward", 1: "fused rows", 2: "fused split rows"}
+_KERNEL_PATHS = {0: "forward then backward", 1: "fused rows", 2: "fused split rows"}
 
 
-def _cuda_path(rows: int, dim: int, dtype: torch.dtype, kind: str) -> str:
-    """Which kernel the CUDA backend's forward_backward runs here (csrc/cuda/jacobian_matching.cu)."""
-    code = torch.ops.jacfast_cuda._fused_path(rows, dim, dtype, ("normalized", "squared", "norm").index(kind))
-    return _CUDA_PATHS[code]
+def _kernel_path(backend: str, rows: int, dim: int, dtype: torch.dtype, kind: str, device) -> str:
+    """Which kernels the GPU backend's forward_backward runs here (csrc/cuda/jacobian_matching.cu,
+    jacfast/kernels/triton_jacobian_matching.py: the same codes)."""
+    code = ("normalized", "squared", "norm").index(kind)
+    if backend == "cuda":
+        path = torch.ops.jacfast_cuda._fused_path(rows, dim, dtype, code)
+    else:
+        path = registry.kernels("triton", "jacobian_matching").fused_path(rows, dim, code, device)
+    return _KERNEL_PATHS[path]
 
 
 def _calls(fn, pairs, mode):

@@ -68,7 +68,7 @@ def loss_head_table(result: dict) -> str:
             continue
         peak, ref = r.get("peak_mb"), eager_peak.get((r["kind"], r["dtype"], r["rows"], r["dim"]))
         memory = "" if peak is None else f"{peak:.1f}" + ("" if ref is None else f" ({ref:.1f})")
-        backend = r["provider"][8:] + (f" ({r['cuda_path']})" if r.get("cuda_path") else "")  # which CUDA kernel
+        backend = r["provider"][8:] + (f" ({r['kernel_path']})" if r.get("kernel_path") else "")  # which GPU kernels
         lines.append(f"| {r['kind']} | {r['dtype']} | {r['rows']} | {r['dim']} | {backend} | {r['median_ms']:.3f} | "
                      f"{r['gbps']:.1f} | {r['vs_floor']:.2f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compile']:.2f} | "
                      f"{r['speedup_vs_best_other']:.2f} | {memory} |")

@@ -5,17 +5,21 @@ forward          : 2 launches. Stage 1, grid (row blocks, SPLITS), writes float6
                    splits in a fixed order, computes loss and coef, and for reduction 1 sums
                    the rows in one program (fixed lane layout + pairwise tree).
 backward         : 1 elementwise launch, float64 math, rounded once to the input dtype.
-forward_backward : rows of up to 4096 elements in one split: one fused launch reads each row
-                   once and writes its gradient, then the finishing kernel (2 launches, 3 passes);
-                   longer rows of the squared and norm kinds: stage 1 writes the gradient too
-                   (2 launches, 3 passes); of the normalized kind: forward then backward with
-                   grad_loss = 1 (3 launches, 5 passes).
+forward_backward : reads each row once (3 passes) where it can. Rows of up to 4096 elements
+                   in one split: one fused launch holds them in registers and writes their
+                   gradient, then the finishing kernel. Split rows (splits of one block):
+                   of the squared and norm kinds, stage 1 writes the gradient too (2 launches);
+                   of the normalized kind, at most one split per SM, the splits of a row meet
+                   at a barrier (_barrier_kernel), then the finishing kernel and a kernel for
+                   the splits that gave up waiting (nearly always none: 3 launches and a
+                   memset); rows of more splits: forward then backward (5 passes).
 topk_seeds       : re-exported from triton_topk_seeds (where the registry looks for it).
 
 Determinism: every reduction is a sequential loop or a pairwise halving tree whose shape is
 fixed by block sizes chosen from (R, D, splits), never by num_warps, the autotuned tile height
 or scheduling, so autotuning cannot change the bits of the result. The split count depends on
-the SM count, so results are bit-reproducible per GPU model, not across models. No atomics.
+the SM count, so results are bit-reproducible per GPU model, not across models. Atomics only
+hand out the barrier's tickets and count arrivals; no sum goes through one.
 
 Outputs are rounded once from float64, fp16/bf16 included (see _rounded), as in the C++ and
 CUDA kernels; torch's ``tensor.to(dtype)`` from float64 may differ by 1 ulp (double rounding).
@@ -36,6 +40,9 @@ _MAX_BLOCK = 2048  # longest per-row accumulator (fp64 lanes); also fixes the re
 _BWD_MAX_BD = 1024  # backward tile width
 _FIN_TILE = 1024  # workspace elements per step of the finishing kernel (rows x splits)
 _CPU_SMS = 4  # pretend SM count under the interpreter: small, but makes long rows split
+# Unsplit rows of up to 2 blocks (4096 elements), which _fused_kernel holds in registers; more
+# would need a sequential sum over the chunks, which a register tile does not give cheaply.
+_FUSED_MAX_BLOCKS = 2
 
 
 def _f64_bits(x: float) -> int:
@@ -67,16 +74,20 @@ def _num_sms(device) -> int:
 def _plan(R: int, D: int, device):
     """Block width, split count and split length (a multiple of BLOCK) for stage 1.
 
-    Aim for ~4 programs per SM. Split rows only when R alone cannot provide that
-    (R=16, D=150528 on 132 SMs -> 25 splits of 6144; R=8192, D=784 -> 1 split).
+    Aim for ~4 programs per SM: split rows when R alone cannot provide that. Rows longer than
+    _FUSED_MAX_BLOCKS blocks, or split, are cut into splits of one block, which
+    forward_backward holds in registers (_barrier_kernel: 80 registers at 8 warps on sm_90,
+    3 programs per SM) while keeping forward's bits (D=150528 -> 74 splits of 2048; R=8192,
+    D=784 -> 1 split).
     """
     block = min(_next_pow2(D), _MAX_BLOCK)
     target = 4 * _num_sms(device)
     splits = 1
     if R < target:
         splits = max(1, min(triton.cdiv(target, R), triton.cdiv(D, block), 1024))
-    chunk = triton.cdiv(triton.cdiv(D, splits), block) * block
-    return block, triton.cdiv(D, chunk), chunk
+    if splits > 1 or D > _FUSED_MAX_BLOCKS * block:
+        return block, triton.cdiv(D, block), block
+    return block, 1, triton.cdiv(D, block) * block
 
 
 @triton.jit
@@ -272,88 +283,12 @@ def _backward_kernel(s_ptr, t_ptr, coef_ptr, g_ptr, g_stride, gs_ptr, gt_ptr, R,
         tl.store(gt_ptr + offs, _rounded(g * (c2 * t - c1 * s), gt_ptr, RND), mask=m)
 
 
-@triton.jit
-def _chunk_sum(x, RB: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
-    # x [RB, NB * BLOCK] -> [RB, BLOCK]: the lane sums 0 + chunk 0 (+ chunk 1) that
-    # _partials_kernel's loop forms over a row of NB <= 2 blocks. (c0 + c1) + 0 has the bits
-    # of (0 + c0) + c1, signed zeros included.
-    if NB == 1:
-        acc = x + 0.0
-    else:
-        acc = tl.sum(tl.reshape(x, [RB, 2, BLOCK]), axis=1) + 0.0
-    return acc
-
-
-@triton.jit(do_not_specialize=["eps_bits", "scale_bits"])
-def _fused_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, eps_bits, scale_bits,
-                  KIND: tl.constexpr, HAS_T: tl.constexpr, REDUCTION: tl.constexpr, RND: tl.constexpr,
-                  BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr):
-    # forward_backward for rows of at most NB * BLOCK elements (one split): each program reads
-    # its RB whole rows once, forms the row sums exactly as _partials_kernel does (same lanes,
-    # same chunk order, same tree), writes them to the workspace for _finish_kernel (loss),
-    # and writes the gradient (grad_loss = 1) from the rows it holds in registers.
-    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
-    cols = tl.arange(0, NB * BLOCK)
-    rmask = rows < R
-    m = rmask[:, None] & (cols < D)[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float64)
-    if HAS_T:
-        t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float64)
-    else:
-        t = tl.zeros([RB, NB * BLOCK], dtype=tl.float64)
-    zero = tl.zeros([RB], dtype=tl.float64)
-    if KIND == 0:
-        a = _tree_sum(_chunk_sum(s * s, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
-        b = _tree_sum(_chunk_sum(t * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
-        c = _tree_sum(_chunk_sum(s * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
-        tl.store(ws_ptr + R + rows, b, mask=rmask)
-        tl.store(ws_ptr + R + (R + rows), c, mask=rmask)
-    else:
-        if KIND == 1:  # squared: (s - t)^2 directly, never ss + tt - 2st
-            d = s - t
-        else:  # norm: s^2
-            d = s
-        a = _tree_sum(_chunk_sum(d * d, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
-        b = zero
-        c = zero
-    tl.store(ws_ptr + rows, a, mask=rmask)
-    # _finish_kernel with one split adds each sum to 0.0; so does this, for the same bits.
-    _, c0, c1, c2 = _row_terms(zero + a, zero + b, zero + c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True),
-                               KIND)
-    if REDUCTION == 0:
-        g = 1.0
-    else:
-        g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    tl.store(gs_ptr + offs, _rounded(g * (c0[:, None] * s - c1[:, None] * t), gs_ptr, RND), mask=m)
-
-
-@triton.jit
-def _scale_unless_one_kernel(x_ptr, g_ptr, g_stride, R, D, RND: tl.constexpr, BD: tl.constexpr,
-                             RB: tl.constexpr):
-    # x[r, :] *= g[r * g_stride] in place, rounded once; a tile whose rows all have g == 1
-    # reads and writes nothing. Lets a fused forward's gradient be scaled without first
-    # asking the host whether the upstream gradient is 1 (a device sync).
-    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
-    cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
-    rmask = rows < R
-    g = tl.load(g_ptr + rows * g_stride, mask=rmask, other=1.0).to(tl.float64)
-    if tl.sum(tl.where(g == 1.0, 0, 1), axis=0) > 0:  # NaN counts as != 1
-        m = rmask[:, None] & (cols < D)[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float64)
-        tl.store(x_ptr + offs, _rounded(x * g[:, None], x_ptr, RND), mask=m)
-
-
 # Configs only vary the tile height (TILE // block width, or RB) and num_warps, which never
 # change the result (see module docstring); TILE >= the largest block width so TILE // width
-# >= 1. For 4096-element rows, ptxas (sm_90) gives the fused kernel about 150 / 90 / 128
-# registers and no spills with these three (triton 3.6 and 3.8); 4 warps (32 elements per
-# thread) reach 250 registers and spill for fp16/bf16 under triton 3.6.
+# >= 1. The fused kernels' configs: triton_jacobian_matching_fused.
 PARTIALS_CONFIGS = [triton.Config({"TILE": tile}, num_warps=w)
                     for tile, w in ((2048, 4), (2048, 8), (2048, 16), (4096, 8), (4096, 16))]
 BACKWARD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=w) for tile, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
-FUSED_CONFIGS = [triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 8), (1, 16), (2, 16))]
 # One config each where nothing is tuned: under the interpreter, and with
 # JACFAST_TRITON_AUTOTUNE=0 (the test suite: hundreds of shapes, each tuned over 4-5 compiled
 # configs, would take a GPU lease's minutes; the benchmarks tune, and check the results).
@@ -364,13 +299,9 @@ if AUTOTUNE:
                                       key=["D", "CHUNK", "KIND", "HAS_T", "WRITE_GRAD"])(_partials_kernel)
     _backward_tuned = triton.autotune(configs=BACKWARD_CONFIGS,
                                       key=["D", "REDUCTION", "HAS_T", "NEED_S", "NEED_T", "G_ONE"])(_backward_kernel)
-    _fused_tuned = triton.autotune(configs=FUSED_CONFIGS, key=["D", "KIND", "HAS_T", "REDUCTION", "RND"])(_fused_kernel)
 else:
-    _partials_tuned = _backward_tuned = _fused_tuned = None
+    _partials_tuned = _backward_tuned = None
 
-# forward_backward fuses rows of up to 2 blocks (4096 elements), held in registers; more
-# would need a sequential sum over the chunks, which a register tile does not give cheaply.
-_FUSED_MAX_BLOCKS = 2
 
 
 def forward(student, teacher, kind: int, reduction: int, eps: float, scale: float, grad_student=None):
@@ -454,52 +385,5 @@ def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
     return gs, gt
 
 
-def forward_backward(student, teacher, kind: int, reduction: int, eps: float, scale: float):
-    """forward + backward(grad_loss = 1), the same bits as the two.
-
-    Rows that forward sums in one split of at most _FUSED_MAX_BLOCKS blocks are read once
-    (_fused_kernel, then the finishing kernel: 3 passes over memory); longer or split rows of
-    the squared and norm kinds too (stage 1 writes their gradient, whose coefficients are
-    constants); longer or split rows of the normalized kind run forward, then backward, which
-    reads the inputs a second time (5 passes).
-    """
-    R, D = student.shape
-    dev = student.device
-    block, splits, _ = _plan(R, D, dev)
-    nb = _next_pow2(triton.cdiv(D, block))
-    if (splits > 1 or nb > _FUSED_MAX_BLOCKS) and kind != 0:
-        gs = torch.empty((R, D), dtype=student.dtype, device=dev)
-        loss, _ = forward(student, teacher, kind, reduction, eps, scale, grad_student=gs)
-        return loss, gs
-    if splits > 1 or nb > _FUSED_MAX_BLOCKS:
-        loss, coef = forward(student, teacher, kind, reduction, eps, scale)
-        grad_student, _ = backward(None, student, teacher if kind != 2 else None, coef, reduction,
-                                   scale, True, False)
-        return loss, grad_student
-    has_t = teacher is not None and kind != 2
-    t = teacher if has_t else student  # dummy pointer, never read when HAS_T is False
-    ws = torch.empty((3 if kind == 0 else 1, R, 1), dtype=torch.float64, device=dev)
-    gs = torch.empty((R, D), dtype=student.dtype, device=dev)
-    args = (student, t, ws, gs, R, D, _f64_bits(eps), _f64_bits(scale))
-    meta = dict(KIND=kind, HAS_T=has_t, REDUCTION=reduction, RND=_rnd(student.dtype), BLOCK=block,
-                LOG2_BLOCK=block.bit_length() - 1, NB=nb)
-    if _fused_tuned is None:
-        cfg, warps = FIXED["fused"]
-        _fused_kernel[(triton.cdiv(R, cfg["RB"]),)](*args, **meta, **cfg, num_warps=warps)
-    else:
-        _fused_tuned[lambda m: (triton.cdiv(R, m["RB"]),)](*args, **meta)
-    loss, _ = _finish(ws, R, 1, kind, reduction, eps, scale, student)
-    return loss, gs
-
-
-def scale_unless_one_(grad, grad_loss, reduction: int):
-    """grad (R, D) *= grad_loss (per row for reduction 0, else the scalar), in place, rounded
-    once; skipped on the device for rows whose grad_loss is 1, so no device sync is needed."""
-    R, D = grad.shape
-    g = grad_loss.reshape(R) if reduction == 0 else grad_loss.reshape(())
-    g_stride = g.stride(0) if reduction == 0 else 0
-    bd = min(_next_pow2(D), _BWD_MAX_BD)
-    rb = max(1, FIXED["backward"][0]["TILE"] // bd)
-    _scale_unless_one_kernel[(triton.cdiv(R, rb), triton.cdiv(D, bd))](
-        grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4)
-    return grad
+# forward_backward and its kernels (they use the helpers above)
+from .triton_jacobian_matching_fused import forward_backward, fused_path, scale_unless_one_  # noqa: E402,F401
