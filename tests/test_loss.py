@@ -145,9 +145,12 @@ def test_forward_backward_has_the_bits_of_forward_then_backward(backend, device,
     """The kernel contract: forward_backward = forward + backward(grad_loss = 1), bit for bit,
     on rows short and long, single and multi-chunk, split or not (fused or not; the CUDA
     limits: 256 groups in the warp layout, 1024 per segment in the block layout, split rows
-    fused at a row barrier; image rows in test_long_rows.py)."""
+    fused at a row barrier; image rows in test_long_rows.py). Triton's paths have their own
+    shapes, and launch counts, in test_triton_fused.py (the interpreter is slow)."""
     from jacfast import registry
 
+    if backend == "triton":
+        pytest.skip("Triton: tests/test_triton_fused.py::test_forward_backward_has_the_bits_of_forward_then_backward")
     kernels = registry.kernels(backend, "jacobian_matching")
     for rows, dim in ((17, 784), (9, 1024), (9, 1025), (5, 3072), (3, 2049), (3, 4096), (3, 4101), (2, 20000),
                       (40, 1)):

@@ -101,8 +101,8 @@ def test_forward_backward_has_the_bits_of_forward_then_backward(triton_kernels, 
 
 def test_row_barrier_gives_up_without_changing_the_bits(triton_kernels, monkeypatch):
     """The interpreter runs programs one after another, so every split but a row's last gives
-    up waiting and _pending_backward_kernel writes it; compiled on a GPU, nearly all splits pass
-    the barrier. Either way the bits of forward then backward, NaN included: a NaN in a row's
+    up waiting and _pending_backward_kernel writes it; compiled on a GPU, every split passes the
+    barrier. Either way the bits of forward then backward, NaN included: a NaN in a row's
     last split makes that whole row's gradient NaN, and only that row's."""
     spies = _spies(monkeypatch, "_barrier_kernel")
     rows, dim = 3, 4 * 2048 - 5  # 4 splits, the last one partial
@@ -112,7 +112,11 @@ def test_row_barrier_gives_up_without_changing_the_bits(triton_kernels, monkeypa
         if spies:
             sync = spies["_barrier_kernel"].args[4]  # [ticket, arrived per row, done per split]
             assert sync[0] == rows * 4 and torch.equal(sync[1:1 + rows], torch.full((rows,), 4, dtype=sync.dtype))
-            assert torch.equal(sync[1 + rows:].reshape(rows, 4).sum(1), torch.ones(rows, dtype=sync.dtype))
+            passed = sync[1 + rows:].reshape(rows, 4).sum(1)  # splits that wrote their gradient themselves
+            if _fused_module()._INTERPRET:
+                assert torch.equal(passed, torch.ones_like(passed)), passed
+            else:  # 12 programs, all resident at once: none may give up (or the barrier never fuses)
+                assert torch.equal(passed, torch.full_like(passed, 4)), passed
     s[1, dim - 3] = float("nan")
     loss, grad = triton_kernels.forward_backward(s, t, 0, 0, 1e-12, 1.0)
     loss2, coef = triton_kernels.forward(s, t, 0, 0, 1e-12, 1.0)
