@@ -40,6 +40,23 @@ def _path_shapes(device):
             (2, beyond, "two-pass")]
 
 
+def test_split_plan_covers_rows_in_launchable_splits():
+    """Host code only (no tensors). Split rows go in splits of one block, which the barrier
+    kernel holds in registers, except past CUDA's 65535 limit on stage 1's second grid
+    dimension (rows of more than 65535 blocks, ~2^27 elements), where splits grow; every plan
+    covers its row."""
+    from jacfast.kernels.triton_jacobian_matching import _plan
+
+    for device in (torch.device("cpu"), DEVICE):
+        for rows in (1, 2, 16, 1024):
+            for dim in (1, 784, 2048, 3000, 4096, 4097, 150528, 2**27, 2**27 + 1, 2**28 + 5):
+                block, splits, chunk = _plan(rows, dim, device)
+                assert splits <= 65535 and chunk % block == 0, (rows, dim)
+                assert (splits - 1) * chunk < dim <= splits * chunk, (rows, dim)
+                if splits > 1 and dim <= 65535 * 2048:
+                    assert chunk == block == 2048, (rows, dim)
+
+
 class _Spy:
     """Stands in for a Triton kernel in ``module``: counts launches and keeps the arguments
     of the last, then launches it."""

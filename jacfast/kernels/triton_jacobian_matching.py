@@ -43,6 +43,7 @@ _CPU_SMS = 4  # pretend SM count under the interpreter: small, but makes long ro
 # Unsplit rows of up to 2 blocks (4096 elements), which _fused_kernel holds in registers; more
 # would need a sequential sum over the chunks, which a register tile does not give cheaply.
 _FUSED_MAX_BLOCKS = 2
+_MAX_SPLITS = 65535  # CUDA's limit on a grid's second dimension
 
 
 def _f64_bits(x: float) -> int:
@@ -86,7 +87,10 @@ def _plan(R: int, D: int, device):
     if R < target:
         splits = max(1, min(triton.cdiv(target, R), triton.cdiv(D, block), 1024))
     if splits > 1 or D > _FUSED_MAX_BLOCKS * block:
-        return block, triton.cdiv(D, block), block
+        # splits are stage 1's second grid dimension, at most 65535 on CUDA: rows longer than
+        # that many blocks (~2^27 elements) take longer splits (and forward then backward)
+        chunk = triton.cdiv(triton.cdiv(D, block), _MAX_SPLITS) * block
+        return block, triton.cdiv(D, chunk), chunk
     return block, 1, triton.cdiv(D, block) * block
 
 
