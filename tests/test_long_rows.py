@@ -49,6 +49,24 @@ def test_forward_backward_bits_on_a_row_of_too_many_segments(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
+def test_a_row_past_the_gpu_grid_limits(backend, device):
+    """GPU only: one row of more than 65535 x 1024 elements, more column tiles than a CUDA
+    grid's second dimension takes (the Triton backward and scaling kernels use one dimension),
+    through forward_backward, forward, backward and the upstream scaling."""
+    if device.type != "cuda":
+        pytest.skip("a limit of GPU launches; the CPU kernels have none")
+    kernels = registry.kernels(backend, "jacobian_matching")
+    s, t = make_pair((1, 2**26 + 1029), torch.float32, device, "normalized")
+    assert_forward_backward_bits(kernels, s, t, 0, 0)
+    x = s.clone().requires_grad_(True)
+    loss = jacfast.jacobian_matching_loss(x, t, reduction="none", backend=backend)
+    (loss * 3).sum().backward()  # an upstream gradient of 3: the scaling kernel
+    _, grad1 = kernels.forward_backward(s, t, 0, 0, 1e-12, 1.0)
+    # 3 x a float is exact in float64, so this rounds once, as the kernels do
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad, (grad1.double() * 3).to(x.dtype))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("kind", ("normalized", "squared", "norm"))
 def test_image_rows_match_the_oracle_in_training(backend, device, kind):
     """The training case (only the student requires grad) on split rows, against float64."""

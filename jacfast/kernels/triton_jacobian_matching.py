@@ -259,8 +259,11 @@ def _backward_kernel(s_ptr, t_ptr, coef_ptr, g_ptr, g_stride, gs_ptr, gt_ptr, R,
                      NEED_T: tl.constexpr, RND: tl.constexpr, G_ONE: tl.constexpr,
                      BD: tl.constexpr, TILE: tl.constexpr):
     RB: tl.constexpr = TILE // BD
-    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
-    cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    # one grid dimension (CUDA's second takes at most 65535 column tiles: rows of 2^26 elements)
+    pid = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(D, BD)
+    rows = (pid // col_tiles) * RB + tl.arange(0, RB)
+    cols = (pid % col_tiles) * BD + tl.arange(0, BD)
     rmask = rows < R
     m = rmask[:, None] & (cols < D)[None, :]
     offs = rows[:, None] * D + cols[None, :]
@@ -381,10 +384,10 @@ def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
                 RND=_rnd(dtype), G_ONE=g_one, BD=bd)
     if _backward_tuned is None:
         cfg, warps = FIXED["backward"]
-        grid = (triton.cdiv(R, cfg["TILE"] // bd), triton.cdiv(D, bd))
+        grid = (triton.cdiv(R, cfg["TILE"] // bd) * triton.cdiv(D, bd),)
         _backward_kernel[grid](*args, **meta, **cfg, num_warps=warps)
     else:
-        _backward_tuned[lambda m: (triton.cdiv(R, m["TILE"] // bd), triton.cdiv(D, bd))](
+        _backward_tuned[lambda m: (triton.cdiv(R, m["TILE"] // bd) * triton.cdiv(D, bd),)](
             *args, **meta)
     return gs, gt
 

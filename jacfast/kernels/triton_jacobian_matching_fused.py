@@ -169,8 +169,11 @@ def _scale_unless_one_kernel(x_ptr, g_ptr, g_stride, R, D, RND: tl.constexpr, BD
     # x[r, :] *= g[r * g_stride] in place, rounded once; a tile whose rows all have g == 1
     # reads and writes nothing. Lets a fused forward's gradient be scaled without first
     # asking the host whether the upstream gradient is 1 (a device sync).
-    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
-    cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    # one grid dimension (CUDA's second takes at most 65535 column tiles: rows of 2^26 elements)
+    pid = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(D, BD)
+    rows = (pid // col_tiles) * RB + tl.arange(0, RB)
+    cols = (pid % col_tiles) * BD + tl.arange(0, BD)
     rmask = rows < R
     g = tl.load(g_ptr + rows * g_stride, mask=rmask, other=1.0).to(tl.float64)
     if tl.sum(tl.where(g == 1.0, 0, 1), axis=0) > 0:  # NaN counts as != 1
@@ -286,6 +289,6 @@ def scale_unless_one_(grad, grad_loss, reduction: int):
     g_stride = g.stride(0) if reduction == 0 else 0
     bd = min(_next_pow2(D), _BWD_MAX_BD)
     rb = max(1, FIXED["backward"][0]["TILE"] // bd)
-    _scale_unless_one_kernel[(triton.cdiv(R, rb), triton.cdiv(D, bd))](
+    _scale_unless_one_kernel[(triton.cdiv(R, rb) * triton.cdiv(D, bd),)](
         grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4)
     return grad
