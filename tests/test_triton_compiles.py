@@ -21,7 +21,9 @@ import json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from jacfast.kernels import triton_jacobian_matching as jm, triton_jacobian_matching_fused as jf, triton_topk_seeds as tk
+# the fused module first: it must import on its own (no import cycle with the one it extends)
+from jacfast.kernels import triton_jacobian_matching_fused as jf, triton_jacobian_matching as jm, triton_topk_seeds as tk
+assert jm.forward_backward is jf.forward_backward
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = lambda dt: "*" + dt

@@ -128,6 +128,17 @@ def _rounded(x, out_ptr, RND: tl.constexpr):
     return y
 
 
+@triton.jit
+def _unit_upstream(scale_bits, REDUCTION: tl.constexpr):
+    # The gradient factor when grad_loss = 1 (forward_backward): 1 per row for reduction 0,
+    # else the mean's or sum's scale, shipped as its float64 bits.
+    if REDUCTION == 0:
+        g = 1.0
+    else:
+        g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    return g
+
+
 @triton.jit(do_not_specialize=["scale_bits"])
 def _partials_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, CHUNK, S, RS, scale_bits,
                      KIND: tl.constexpr, HAS_T: tl.constexpr, WRITE_GRAD: tl.constexpr,
@@ -148,10 +159,7 @@ def _partials_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, CHUNK, S, RS, scale_bit
     acc_a = tl.zeros([RB, BLOCK], dtype=tl.float64)
     acc_b = tl.zeros([RB, BLOCK], dtype=tl.float64)
     acc_c = tl.zeros([RB, BLOCK], dtype=tl.float64)
-    if REDUCTION == 0:
-        g = 1.0
-    else:
-        g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    g = _unit_upstream(scale_bits, REDUCTION)
     for k in range(start, end, BLOCK):
         cols = k + tl.arange(0, BLOCK)
         m = rmask[:, None] & (cols < end)[None, :]
@@ -271,10 +279,7 @@ def _backward_kernel(s_ptr, t_ptr, coef_ptr, g_ptr, g_stride, gs_ptr, gt_ptr, R,
     c1 = tl.load(coef_ptr + rows * 3 + 1, mask=rmask, other=0.0)[:, None]
     c2 = tl.load(coef_ptr + rows * 3 + 2, mask=rmask, other=0.0)[:, None]
     if G_ONE:  # forward_backward: grad_loss = 1 without materializing it
-        if REDUCTION == 0:
-            g = 1.0
-        else:
-            g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        g = _unit_upstream(scale_bits, REDUCTION)
     elif REDUCTION == 0:  # per-row grad_loss; g_stride may be 0 (expanded grad)
         g = tl.load(g_ptr + rows * g_stride, mask=rmask, other=0.0).to(tl.float64)[:, None]
     else:
@@ -392,5 +397,14 @@ def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
     return gs, gt
 
 
-# forward_backward and its kernels (they use the helpers above)
-from .triton_jacobian_matching_fused import forward_backward, fused_path, scale_unless_one_  # noqa: E402,F401
+_FUSED_NAMES = ("forward_backward", "fused_path", "scale_unless_one_")
+
+
+def __getattr__(name: str):
+    """forward_backward and its kernels live in triton_jacobian_matching_fused, which imports
+    the helpers above: looked up there on first use (no import cycle, whichever loads first)."""
+    if name in _FUSED_NAMES:
+        from . import triton_jacobian_matching_fused
+
+        return getattr(triton_jacobian_matching_fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .triton_jacobian_matching import (_BWD_MAX_BD, _INTERPRET, AUTOTUNE, FIXED, _f64_bits, _finish, _next_pow2,
-                                       _num_sms, _plan, _rnd, _rounded, _row_terms, _tree_sum, backward, forward)
+                                       _num_sms, _plan, _rnd, _rounded, _row_terms, _tree_sum, _unit_upstream,
+                                       backward, forward)
 
 
 @triton.jit
@@ -65,10 +66,7 @@ def _fused_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, eps_bits, scale_bits,
     # _finish_kernel with one split adds each sum to 0.0; so does this, for the same bits.
     _, c0, c1, c2 = _row_terms(zero + a, zero + b, zero + c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True),
                                KIND)
-    if REDUCTION == 0:
-        g = 1.0
-    else:
-        g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    g = _unit_upstream(scale_bits, REDUCTION)
     tl.store(gs_ptr + offs, _rounded(g * (c0[:, None] * s - c1[:, None] * t), gs_ptr, RND), mask=m)
 
 
@@ -122,10 +120,7 @@ def _barrier_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, sync_ptr, R, D, S, RS, eps_bit
                 c += _tree_sum(tl.load(ws_ptr + RS + (RS + pq), mask=pm, other=0.0, cache_modifier=".cg"),
                                1, SB, LOG2_SB)
             _, c0, c1, _ = _row_terms(a, b, c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True), 0)
-            if REDUCTION == 0:
-                g = 1.0
-            else:
-                g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+            g = _unit_upstream(scale_bits, REDUCTION)
             tl.store(gs_ptr + offs, _rounded(g * (c0[:, None] * s - c1[:, None] * t), gs_ptr, RND), mask=m)
             tl.store(sync_ptr + 1 + R + ticket, 1)
 
@@ -148,10 +143,7 @@ def _pending_backward_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, done_ptr, D, CHUNK,
                 end = tl.minimum(start + CHUNK, D)
                 c0 = tl.load(coef_ptr + row * 3)
                 c1 = tl.load(coef_ptr + row * 3 + 1)
-                if REDUCTION == 0:
-                    g = 1.0
-                else:
-                    g = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+                g = _unit_upstream(scale_bits, REDUCTION)
                 for k0 in range(start, end, BD):
                     cols = k0 + tl.arange(0, BD)
                     m = cols < end
