@@ -5,7 +5,8 @@ forward          : 2 launches. Stage 1, grid (row blocks, SPLITS), writes float6
                    splits in a fixed order, computes loss and coef, and for reduction 1 sums
                    the rows in one program (fixed lane layout + pairwise tree).
 backward         : 1 elementwise launch, float64 math, rounded once to the input dtype.
-forward_backward : reads each row once (3 passes) where it can. Rows of up to 4096 elements
+forward_backward : (triton_jacobian_matching_fused, looked up from here by __getattr__)
+                   reads each row once (3 passes) where it can. Rows of up to 4096 elements
                    in one split: one fused launch holds them in registers and writes their
                    gradient, then the finishing kernel. Split rows (splits of one block):
                    of the squared and norm kinds, stage 1 writes the gradient too (2 launches);
@@ -313,7 +314,6 @@ if AUTOTUNE:
                                       key=["D", "REDUCTION", "HAS_T", "NEED_S", "NEED_T", "G_ONE"])(_backward_kernel)
 else:
     _partials_tuned = _backward_tuned = None
-
 
 
 def forward(student, teacher, kind: int, reduction: int, eps: float, scale: float, grad_student=None):
