@@ -220,6 +220,43 @@ def _row_terms(a, b, c, eps, KIND: tl.constexpr):
     return loss, c0, c1, c2
 
 
+@triton.jit
+def _workspace_load(ptr, mask, L2_ONLY: tl.constexpr):
+    if L2_ONLY:  # bypass L1: partials that programs on other SMs wrote
+        x = tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(ptr, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _row_sums(ws_ptr, rows, rmask, S, RS, KIND: tl.constexpr, RB: tl.constexpr, SB: tl.constexpr,
+              LOG2_SB: tl.constexpr, L2_ONLY: tl.constexpr):
+    # The sums of rows [RB] over their S splits in the workspace [quantity, row, split], from
+    # 0.0, SB splits at a time (a tree within a group, groups in order: no long chain of
+    # dependent loads when a row has hundreds of splits). One definition for the finishing
+    # and the barrier kernel, so both add alike.
+    a = tl.zeros([RB], dtype=tl.float64)
+    b = tl.zeros([RB], dtype=tl.float64)
+    c = tl.zeros([RB], dtype=tl.float64)
+    for sp0 in range(0, S, SB):
+        sp = sp0 + tl.arange(0, SB)
+        m = rmask[:, None] & (sp < S)[None, :]
+        q = rows[:, None] * S + sp[None, :]
+        a += _tree_sum(_workspace_load(ws_ptr + q, m, L2_ONLY), RB, SB, LOG2_SB)
+        if KIND == 0:
+            b += _tree_sum(_workspace_load(ws_ptr + RS + q, m, L2_ONLY), RB, SB, LOG2_SB)
+            c += _tree_sum(_workspace_load(ws_ptr + RS + (RS + q), m, L2_ONLY), RB, SB, LOG2_SB)
+    return a, b, c
+
+
+@triton.jit
+def _student_grad(g, c0, c1, s, t):
+    # grad_s = g (c0 s - c1 t): one expression for every kernel that writes it, so that they
+    # round (and contract) alike
+    return g * (c0 * s - c1 * t)
+
+
 @triton.jit(do_not_specialize=["eps_bits", "scale_bits"])
 def _finish_kernel(ws_ptr, loss_ptr, coef_ptr, R, S, RS, rows_per_prog, eps_bits, scale_bits,
                    KIND: tl.constexpr, REDUCTION: tl.constexpr, RND: tl.constexpr,
@@ -227,8 +264,6 @@ def _finish_kernel(ws_ptr, loss_ptr, coef_ptr, R, S, RS, rows_per_prog, eps_bits
                    SB: tl.constexpr, LOG2_SB: tl.constexpr):
     # Reduction 0: one program per FIN_RB rows. Reduction 1: a single program walks all rows
     # in FIN_RB blocks (lane i sums rows i, i+FIN_RB, ... in order), then a pairwise tree.
-    # Splits are read SB at a time (tree within a group, groups in order): no long chain of
-    # dependent loads when one row has hundreds of splits.
     eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
     scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
     r_begin = tl.program_id(0).to(tl.int64) * rows_per_prog
@@ -237,18 +272,7 @@ def _finish_kernel(ws_ptr, loss_ptr, coef_ptr, R, S, RS, rows_per_prog, eps_bits
     for r0 in range(r_begin, r_end, FIN_RB):
         rows = r0 + tl.arange(0, FIN_RB)
         rmask = rows < r_end
-        a = tl.zeros([FIN_RB], dtype=tl.float64)
-        b = tl.zeros([FIN_RB], dtype=tl.float64)
-        c = tl.zeros([FIN_RB], dtype=tl.float64)
-        for sp0 in range(0, S, SB):
-            sp = sp0 + tl.arange(0, SB)
-            m = rmask[:, None] & (sp < S)[None, :]
-            q = rows[:, None] * S + sp[None, :]
-            a += _tree_sum(tl.load(ws_ptr + q, mask=m, other=0.0), FIN_RB, SB, LOG2_SB)
-            if KIND == 0:
-                b += _tree_sum(tl.load(ws_ptr + RS + q, mask=m, other=0.0), FIN_RB, SB, LOG2_SB)
-                c += _tree_sum(tl.load(ws_ptr + RS + (RS + q), mask=m, other=0.0),
-                               FIN_RB, SB, LOG2_SB)
+        a, b, c = _row_sums(ws_ptr, rows, rmask, S, RS, KIND, FIN_RB, SB, LOG2_SB, False)
         loss, c0, c1, c2 = _row_terms(a, b, c, eps, KIND)
         tl.store(coef_ptr + rows * 3, c0, mask=rmask)
         tl.store(coef_ptr + rows * 3 + 1, c1, mask=rmask)
@@ -291,7 +315,7 @@ def _backward_kernel(s_ptr, t_ptr, coef_ptr, g_ptr, g_stride, gs_ptr, gt_ptr, R,
     else:
         t = tl.zeros([RB, BD], dtype=tl.float64)
     if NEED_S:
-        tl.store(gs_ptr + offs, _rounded(g * (c0 * s - c1 * t), gs_ptr, RND), mask=m)
+        tl.store(gs_ptr + offs, _rounded(_student_grad(g, c0, c1, s, t), gs_ptr, RND), mask=m)
     if NEED_T:
         tl.store(gt_ptr + offs, _rounded(g * (c2 * t - c1 * s), gt_ptr, RND), mask=m)
 

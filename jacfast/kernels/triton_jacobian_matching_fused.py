@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .triton_jacobian_matching import (_BWD_MAX_BD, _INTERPRET, AUTOTUNE, FIXED, _f64_bits, _finish, _next_pow2,
-                                       _num_sms, _plan, _rnd, _rounded, _row_terms, _tree_sum, _unit_upstream,
-                                       backward, forward)
+                                       _num_sms, _plan, _rnd, _rounded, _row_sums, _row_terms,
+                                       _student_grad, _tree_sum, _unit_upstream, backward, forward)
 
 
 @triton.jit
@@ -67,7 +67,8 @@ def _fused_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, eps_bits, scale_bits,
     _, c0, c1, c2 = _row_terms(zero + a, zero + b, zero + c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True),
                                KIND)
     g = _unit_upstream(scale_bits, REDUCTION)
-    tl.store(gs_ptr + offs, _rounded(g * (c0[:, None] * s - c1[:, None] * t), gs_ptr, RND), mask=m)
+    grad = _student_grad(g, c0[:, None], c1[:, None], s, t)
+    tl.store(gs_ptr + offs, _rounded(grad, gs_ptr, RND), mask=m)
 
 
 @triton.jit(do_not_specialize=["eps_bits", "scale_bits", "max_polls"])
@@ -108,20 +109,13 @@ def _barrier_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, sync_ptr, R, D, S, RS, eps_bit
             arrived = tl.atomic_add(sync_ptr + 1 + row, 0, sem="acquire", scope="gpu")
             polls += 1
         if arrived >= S:
-            a = tl.zeros([1], dtype=tl.float64)
-            b = tl.zeros([1], dtype=tl.float64)
-            c = tl.zeros([1], dtype=tl.float64)
-            for sp0 in range(0, S, SB):  # _finish_kernel's order: a tree per SB splits, groups in order
-                spl = sp0 + tl.arange(0, SB)
-                pm = (spl < S)[None, :]
-                pq = row * S + spl[None, :]
-                a += _tree_sum(tl.load(ws_ptr + pq, mask=pm, other=0.0, cache_modifier=".cg"), 1, SB, LOG2_SB)
-                b += _tree_sum(tl.load(ws_ptr + RS + pq, mask=pm, other=0.0, cache_modifier=".cg"), 1, SB, LOG2_SB)
-                c += _tree_sum(tl.load(ws_ptr + RS + (RS + pq), mask=pm, other=0.0, cache_modifier=".cg"),
-                               1, SB, LOG2_SB)
+            # _finish_kernel's sums of this row; its mask a constant (row < R costs registers, spills)
+            valid = tl.arange(0, 1) < 1
+            a, b, c = _row_sums(ws_ptr, row + tl.arange(0, 1), valid, S, RS, 0, 1, SB, LOG2_SB, True)
             _, c0, c1, _ = _row_terms(a, b, c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True), 0)
             g = _unit_upstream(scale_bits, REDUCTION)
-            tl.store(gs_ptr + offs, _rounded(g * (c0[:, None] * s - c1[:, None] * t), gs_ptr, RND), mask=m)
+            grad = _student_grad(g, c0[:, None], c1[:, None], s, t)
+            tl.store(gs_ptr + offs, _rounded(grad, gs_ptr, RND), mask=m)
             tl.store(sync_ptr + 1 + R + ticket, 1)
 
 
@@ -152,7 +146,8 @@ def _pending_backward_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, done_ptr, D, CHUNK,
                         t = tl.load(t_ptr + row * D + cols, mask=m, other=0.0).to(tl.float64)
                     else:
                         t = tl.zeros([BD], dtype=tl.float64)
-                    tl.store(gs_ptr + row * D + cols, _rounded(g * (c0 * s - c1 * t), gs_ptr, RND), mask=m)
+                    grad = _student_grad(g, c0, c1, s, t)
+                    tl.store(gs_ptr + row * D + cols, _rounded(grad, gs_ptr, RND), mask=m)
 
 
 @triton.jit
