@@ -141,7 +141,7 @@ _KERNEL_PATHS = {0: "forward then backward", 1: "fused rows", 2: "fused split ro
 
 def _kernel_path(backend: str, rows: int, dim: int, dtype: torch.dtype, kind: str, device) -> str:
     """Which kernels the GPU backend's forward_backward runs here (csrc/cuda/jacobian_matching.cu,
-    jacfast/kernels/triton_jacobian_matching.py: the same codes)."""
+    fused_path in jacfast/kernels/triton_jacobian_matching_fused.py: the same codes)."""
     code = ("normalized", "squared", "norm").index(kind)
     if backend == "cuda":
         path = torch.ops.jacfast_cuda._fused_path(rows, dim, dtype, code)
