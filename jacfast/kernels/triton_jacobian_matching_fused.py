@@ -98,10 +98,9 @@ def _barrier_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, sync_ptr, R, D, S, RS, eps_bit
         else:
             t = tl.zeros([1, BLOCK], dtype=tl.float64)
         q = row * S + sp + tl.arange(0, 1)  # workspace layout [quantity, row, split]
-        # _partials_kernel's lanes start at 0.0 (which turns -0.0 into 0.0): the same bits
-        tl.store(ws_ptr + q, _tree_sum(s * s + 0.0, 1, BLOCK, LOG2_BLOCK))
-        tl.store(ws_ptr + RS + q, _tree_sum(t * t + 0.0, 1, BLOCK, LOG2_BLOCK))
-        tl.store(ws_ptr + RS + (RS + q), _tree_sum(s * t + 0.0, 1, BLOCK, LOG2_BLOCK))
+        tl.store(ws_ptr + q, _tree_sum(_chunk_sum(s * s, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
+        tl.store(ws_ptr + RS + q, _tree_sum(_chunk_sum(t * t, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
+        tl.store(ws_ptr + RS + (RS + q), _tree_sum(_chunk_sum(s * t, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
         tl.debug_barrier()  # every thread's stores before the release below
         arrived = tl.atomic_add(sync_ptr + 1 + row, 1, sem="acq_rel", scope="gpu") + 1
         polls = 0
