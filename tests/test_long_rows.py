@@ -155,3 +155,19 @@ def test_cuda_fused_paths():
     for (rows, dim, dtype), (normalized, others) in cases.items():
         got = [path(rows, dim, dtype, kind) for kind in (0, 1, 2)]
         assert got == [normalized, others, others], (rows, dim, dtype, got)
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs the CUDA backend on a GPU")
+def test_cuda_row_barrier_gives_up_without_changing_the_bits(monkeypatch):
+    """JACFAST_CUDA_BARRIER_POLLS=0: a block that does not find its row complete at once gives
+    up at the row barrier and leaves its segment to pending_backward_kernel; the bits are still
+    those of forward then backward. Memory just filled with NaN and freed is what the
+    gradient's allocation gets back, so a segment nobody writes fails the comparison."""
+    monkeypatch.setenv("JACFAST_CUDA_BARRIER_POLLS", "0")
+    kernels = registry.kernels("cuda", "jacobian_matching")
+    for rows, dim, dtype in ((16, IMAGE, torch.float32), (1, IMAGE, torch.float32), (3, IMAGE - 5, torch.bfloat16)):
+        assert torch.ops.jacfast_cuda._fused_path(rows, dim, dtype, 0) == 2, (rows, dim, dtype)
+        s, t = make_pair((rows, dim), dtype, "cuda", "normalized")
+        for reduction in (0, 1):
+            torch.full((rows, dim), float("nan"), dtype=dtype, device="cuda")  # freed at once
+            assert_forward_backward_bits(kernels, s, t, 0, reduction)

@@ -5,7 +5,8 @@
 //   backward = one grid-stride elementwise kernel driven by the per-row coefficients.
 //   forward_backward = stage 1 and the backward in one kernel (rows_fused_kernel,
 //              jacobian_matching_fused.cuh) for rows or row segments that fit in registers
-//              [+ finishing kernel], else forward + backward.
+//              [+ finishing kernel] [+ pending_backward_kernel, for the segments whose
+//              block gave up at the row barrier], else forward + backward.
 // Determinism: every float sum has a fixed order that depends only on (R, D, dtype):
 // the split plan is computed from those alone (never from the SM count; the SM count only
 // decides whether forward_backward may fuse split rows, not how it sums), the per-thread
@@ -293,7 +294,8 @@ int64_t resident_blocks(Kernel kernel) {
 enum FusedPath : int64_t { kUnfused = 0, kFusedRows = 1, kFusedSplit = 2 };
 
 // JACFAST_CUDA_FUSE_SPLIT_ROWS=0 turns the row barrier off (forward then backward, the same
-// bits), for GPUs shared in ways the occupancy query cannot see (MPS with an SM limit).
+// bits), for GPUs shared in ways the occupancy query cannot see (MPS with an SM limit), where
+// blocks would often wait out the barrier's polls and leave their segments to a second read.
 bool split_rows_fusable() {
   static const bool on = [] {
     const char* e = std::getenv("JACFAST_CUDA_FUSE_SPLIT_ROWS");
@@ -308,6 +310,13 @@ FusedPath fused_path(const Plan& p) {
   if (KIND != 0) return kFusedSplit;     // no barrier
   if (p.splits > kMaxFusedSplits || !split_rows_fusable()) return kUnfused;
   return p.splits <= resident_blocks(rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups>) ? kFusedSplit : kUnfused;
+}
+
+// Polls of the row barrier before a block gives up (kMaxPolls; JACFAST_CUDA_BARRIER_POLLS,
+// read per call, is a test hook).
+int barrier_polls() {
+  const char* e = std::getenv("JACFAST_CUDA_BARRIER_POLLS");
+  return e != nullptr && *e != '\0' ? std::max(0, std::atoi(e)) : kMaxPolls;
 }
 
 // gs: the gradient of forward_backward, or undefined for a plain forward. Returns whether
@@ -326,9 +335,10 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
 
   // Workspace: float64 partials when rows are split, float64 row losses for reduction 1
   // (from stage 1 or the fused kernel, which then finish rows themselves), and for the row
-  // barrier the rows' arrival counters and the segment ticket (int32, zeroed).
+  // barrier the rows' arrival counters, the segment ticket and the segments' done flags
+  // (int32, zeroed).
   const bool barrier = path == kFusedSplit && KIND == 0;
-  const bool rows_finished = p.splits == 1 || barrier;
+  const bool rows_finished = p.splits == 1;
   const int64_t n_partials = p.splits > 1 ? R * p.splits * 3 : 0;
   const int64_t n_rowloss = reduction == 1 && rows_finished ? R : 0;
   at::Tensor ws, sync;
@@ -339,7 +349,7 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
     if (n_partials > 0) partials = ws.data_ptr<double>();
     if (n_rowloss > 0) rowloss = ws.data_ptr<double>() + n_partials;
   }
-  if (barrier) sync = at::zeros({R + 1}, s.options().dtype(at::kInt));
+  if (barrier) sync = at::zeros({R + 1 + p.blocks}, s.options().dtype(at::kInt));
 
   const int red = static_cast<int>(reduction);
   const unsigned blocks = static_cast<unsigned>(p.blocks);
@@ -348,10 +358,11 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
     int* sync_ptr = sync.defined() ? sync.data_ptr<int>() : nullptr;
     if (p.team == kWarp) {
       rows_fused_kernel<T, KIND, kWarp, kFusedWarpGroups><<<blocks, kBlock, 0, stream>>>(
-          sp, tp, R, D, 1, p.gps, nullptr, nullptr, gp, lp, cp, rowloss, red, eps, scale);
+          sp, tp, R, D, 1, p.gps, nullptr, nullptr, gp, lp, cp, rowloss, red, eps, scale, 0);
     } else {
       rows_fused_kernel<T, KIND, kBlock, kFusedBlockGroups><<<blocks, kBlock, 0, stream>>>(
-          sp, tp, R, D, p.splits, p.gps, partials, sync_ptr, gp, lp, cp, rowloss, red, eps, scale);
+          sp, tp, R, D, p.splits, p.gps, partials, sync_ptr, gp, lp, cp, rowloss, red, eps, scale,
+          barrier ? barrier_polls() : 0);
     }
   } else if (p.team == kWarp) {
     rows_stage1_kernel<T, KIND, kWarp><<<blocks, kBlock, 0, stream>>>(
@@ -368,6 +379,11 @@ bool forward_typed(const at::Tensor& s, const at::Tensor& t, int64_t reduction, 
     const int threads = reduction == 1 ? kFinishBlock : kBlock;
     finish_kernel<T, KIND><<<static_cast<unsigned>(fblocks), threads, 0, stream>>>(
         rows_finished ? nullptr : partials, p.splits, rowloss, R, lp, cp, red, eps, scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (barrier) {  // the segments whose block gave up waiting, from finish_kernel's coef
+    pending_backward_kernel<T><<<blocks, kBlock, 0, stream>>>(
+        sp, tp, cp, sync.data_ptr<int>() + R + 1, D, p.splits, p.gps, red, scale, gs.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return path != kUnfused;
