@@ -240,9 +240,14 @@ def test_report_names_the_gpu_kernels_of_each_row(tmp_path):
 
     data = _loss_head_result("cuda", "2026-12-01T10:00:00+00:00")
     data["rows"][0]["kernel_path"] = "fused split rows"
+    data["rows"].append({**data["rows"][0], "provider": "jacfast-cuda-unfused", "median_ms": 2.0,
+                         "speedup_vs_eager": 3.5, "kernel_path": "forward then backward"})
     (tmp_path / "a.json").write_text(json.dumps(data))
-    assert "| normalized | float32 | 4096 | 4096 | cuda (fused split rows) | 1.000 |" in report.performance_section(
-        str(tmp_path))
+    section = report.performance_section(str(tmp_path))
+    assert "| normalized | float32 | 4096 | 4096 | cuda (fused split rows) | 1.000 |" in section
+    # the unfused comparison is in the table, not among the targets' worst cases
+    assert "| normalized | float32 | 4096 | 4096 | cuda-unfused (forward then backward) | 2.000 |" in section
+    assert "| normalized | float32 | cuda | 1 | 7.0 |" in section and "| cuda-unfused | 1 |" not in section
 
 
 def test_bench_names_the_triton_kernels(monkeypatch):
@@ -263,3 +268,26 @@ def test_bench_names_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(importlib.import_module("jacfast.kernels.triton_jacobian_matching_fused"), "FUSE_SPLIT_ROWS",
                         False)
     assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "forward then backward"
+
+
+def test_unfused_provider_runs_forward_then_backward():
+    """The GPU bench's jacfast-<backend>-unfused (here on the CPU backend): forward, then
+    backward, never forward_backward, with the fused path's loss and gradient bits."""
+    import torch
+    from torch.profiler import profile
+
+    import jacfast
+    from jacfast.bench import loss_head
+
+    student, teacher = torch.randn(6, 2, 301), torch.randn(6, 2, 301)
+    for kind in ("normalized", "squared", "norm"):
+        t = None if kind == "norm" else teacher
+        a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        fused = jacfast.jacobian_matching_loss(a, t, kind=kind, backend="cpu")
+        (fused_grad,) = torch.autograd.grad(fused, a)
+        with profile() as prof:
+            unfused = loss_head._unfused("cpu", kind)(b, t)
+            (unfused_grad,) = torch.autograd.grad(unfused, b)
+        ran = {event.name for event in prof.events() if event.name.startswith("jacfast_cpu::")}
+        assert ran == {"jacfast_cpu::forward", "jacfast_cpu::backward"}, (kind, ran)
+        assert torch.equal(fused, unfused) and torch.equal(fused_grad, unfused_grad), kind

@@ -19,6 +19,10 @@ ratios at the mercy of load changes between blocks (the same kernel varied by 20
 between full runs). jacfast-cpu's bwd is almost free when its forward already computed the
 gradient (the fused path of JacobianMatchingFunction).
 
+On a GPU, fwd+bwd also times ``jacfast-<backend>-unfused``: the same autograd path with
+forward_backward's fusion off (forward, then backward: 5 passes), so the fused kernels are
+compared with what they replace in the same run.
+
 Peak memory (``peak_mb``) is what one call of the timed mode allocates above what is
 allocated when it starts (:func:`jacfast.bench.timing.peak_bytes`); the inputs are not
 counted, the gradient is.
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 
 from jacfast import loss as jloss
 from jacfast import reference, registry
+from jacfast.ops import jacobian_matching as ops
 from jacfast.bench.timing import TimeBudget, measure, measure_blocks, peak_bytes, rotation_count
 
 SIZES = {
@@ -73,11 +78,27 @@ def providers(device: torch.device, kind: str) -> dict:
         interpreted = name == "triton" and device.type == "cpu"  # the interpreter is for tests, not timing
         if status.available and not interpreted:
             found[f"jacfast-{name}"] = lambda s, t, _b=name: jloss.jacobian_matching_loss(s, t, kind=kind, backend=_b)
+            if device.type == "cuda":
+                found[f"jacfast-{name}-unfused"] = _unfused(name, kind)
     eager = lambda s, t: reference.jacobian_matching_loss(s, t, kind=kind)  # noqa: E731
     found["eager"] = eager
     found["compile"] = torch.compile(eager, dynamic=False)
     found["public"] = lambda s, t: _public_reimplementation(s, t, kind)
     return found
+
+
+def _unfused(backend: str, kind: str):
+    """The loss of jacobian_matching_loss (mean over the batch) through JacobianMatchingFunction
+    with grad_mode=False, which runs its unfused branch: forward, then backward. Inputs are
+    (B, K, D) contiguous, so the rows are a view, as jacobian_matching_loss makes them."""
+    code = ops.KINDS[kind]
+
+    def loss(student, teacher):
+        rows = student.reshape(-1, student.shape[-1])
+        teacher_rows = None if teacher is None else teacher.reshape(rows.shape)
+        return ops.JacobianMatchingFunction.apply(rows, teacher_rows, code, ops.REDUCTION_SCALED_SUM, 1e-12,
+                                                  1.0 / student.shape[0], backend, False)
+    return loss
 
 
 def _copy_bandwidth(numel: int, dtype, device, sets: int) -> float:
@@ -109,7 +130,8 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                 errors = _errors(funcs, pairs[0], kind)
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
-                    calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()}
+                    calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()
+                             if mode == "fwd+bwd" or not name.endswith("-unfused")}  # fwd, bwd: the same kernels
                     timings = measure_blocks({n: c for n, (c, _) in calls.items()}, device,
                                              setups={n: s for n, (_, s) in calls.items() if s},
                                              **BLOCK_TIMING[device.type])
@@ -130,6 +152,8 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                         }
                         if name in ("jacfast-cuda", "jacfast-triton") and mode == "fwd+bwd":
                             row["kernel_path"] = _kernel_path(name[8:], rows, dim, dtype, kind, device)
+                        elif name.endswith("-unfused"):
+                            row["kernel_path"] = _KERNEL_PATHS[0]
                         rows_out.append(row)
                         if progress is not None:
                             progress(row)

@@ -84,7 +84,8 @@ def loss_head_targets(result: dict) -> str:
     gpu = result["environment"].get("device_type") == "cuda"
     worst: dict = {}
     for r in result["rows"]:
-        if r["mode"] != "fwd+bwd" or not r["provider"].startswith("jacfast-"):
+        # the unfused comparison rows (GPU: forward then backward) are not a path users get
+        if r["mode"] != "fwd+bwd" or not r["provider"].startswith("jacfast-") or r["provider"].endswith("-unfused"):
             continue
         key = (r["kind"], r["dtype"], r["provider"][8:])
         w = worst.setdefault(key, {"eager": float("inf"), "compile": float("inf"), "floor": 0.0, "big": 0.0, "n": 0})

@@ -151,7 +151,8 @@ class JacobianMatchingFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, kind: int, reduction: int, eps: float, scale: float, backend: str,
                 grad_mode: bool):
         # grad_mode: torch.is_grad_enabled() of the caller (forward itself runs without grad,
-        # and needs_input_grad is True under no_grad too).
+        # and needs_input_grad is True under no_grad too). False never fuses: the loss-head
+        # benchmark passes it to time forward then backward against the fused path.
         kernels = _kernels(backend)
         ctx.kind, ctx.reduction, ctx.eps, ctx.scale, ctx.backend = kind, reduction, eps, scale, backend
         need_t = ctx.needs_input_grad[1] and teacher is not None
