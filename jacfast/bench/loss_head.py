@@ -19,9 +19,10 @@ ratios at the mercy of load changes between blocks (the same kernel varied by 20
 between full runs). jacfast-cpu's bwd is almost free when its forward already computed the
 gradient (the fused path of JacobianMatchingFunction).
 
-On a GPU, fwd+bwd also times ``jacfast-<backend>-unfused``: the same autograd path with
-forward_backward's fusion off (forward, then backward: 5 passes), so the fused kernels are
-compared with what they replace in the same run.
+On a GPU, fwd+bwd of the normalized loss also times ``jacfast-<backend>-unfused``: the same
+autograd path with forward_backward's fusion off (forward, then backward: 5 passes), so the
+fused kernels, the row barriers among them, are compared with what they replace in the same
+run.
 
 Peak memory (``peak_mb``) is what one call of the timed mode allocates above what is
 allocated when it starts (:func:`jacfast.bench.timing.peak_bytes`); the inputs are not
@@ -78,7 +79,7 @@ def providers(device: torch.device, kind: str) -> dict:
         interpreted = name == "triton" and device.type == "cpu"  # the interpreter is for tests, not timing
         if status.available and not interpreted:
             found[f"jacfast-{name}"] = lambda s, t, _b=name: jloss.jacobian_matching_loss(s, t, kind=kind, backend=_b)
-            if device.type == "cuda":
+            if device.type == "cuda" and kind == "normalized":  # the kind whose split rows meet at a barrier
                 found[f"jacfast-{name}-unfused"] = _unfused(name, kind)
     eager = lambda s, t: reference.jacobian_matching_loss(s, t, kind=kind)  # noqa: E731
     found["eager"] = eager
