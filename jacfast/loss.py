@@ -18,6 +18,11 @@ Reductions: ``"none"`` returns (B, K) (or (B,) when K is implicit); ``"sum"`` ad
 B*K rows; ``"mean"`` sums over the K outputs and averages over the B samples, i.e.
 ``sum / B`` (the paper sums over outputs and averages over the batch).
 
+``weight`` multiplies a reduced loss inside the kernel (one rounding, with the 1/B of
+``"mean"``). Pass the loss's weight in the total here rather than multiplying the result:
+the fused backends compute the gradient in the forward, and an incoming gradient other than 1
+costs an extra pass over it (scaled in place) that ``weight`` avoids.
+
 Empty inputs: B = 0 with ``"sum"`` gives 0 and with ``"none"`` an empty tensor; B = 0 with
 ``"mean"`` raises ValueError (there is no sample to average over); K = 0 gives 0 for both
 ``"sum"`` and ``"mean"``; rows of length D = 0 raise ValueError.
@@ -30,6 +35,7 @@ the kernel runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -110,14 +116,28 @@ def _validate(student_jac, teacher_jac, kind, reduction, eps, backend, outputs_d
     return _Call(batch, outputs, row_len, outputs_dim, resolved)
 
 
+def _check_weight(weight, reduction: str) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    if reduction == "none" and weight != 1:
+        raise ValueError("weight scales a reduced loss (reduction 'sum' or 'mean'); with reduction='none' "
+                         "multiply the per-row losses instead")
+    return float(weight)
+
+
 def _as_rows(jac: Optional[Tensor], call: _Call) -> Optional[Tensor]:
     return None if jac is None else jac.reshape(call.rows, call.row_len).contiguous()
 
 
-def _reduction_args(reduction: str, call: _Call) -> tuple[int, float]:
+def _reduction_args(reduction: str, call: _Call, weight: float) -> tuple[int, float]:
     if reduction == "none":
         return ops.REDUCTION_NONE, 1.0
-    return ops.REDUCTION_SCALED_SUM, (1.0 / call.batch if reduction == "mean" else 1.0)
+    return ops.REDUCTION_SCALED_SUM, (weight / call.batch if reduction == "mean" else weight)
+
+
+def _weighted(loss: Tensor, weight: float) -> Tensor:
+    """The torch fallback's weighting (the kernels fold weight into their scale)."""
+    return loss if weight == 1 else loss * weight
 
 
 def _shape_loss(loss: Tensor, reduction: str, call: _Call) -> Tensor:
@@ -135,6 +155,7 @@ def jacobian_matching_loss(
     eps: float = 1e-12,
     backend: str = "auto",
     outputs_dim: Optional[bool] = None,
+    weight: float = 1.0,
 ) -> Tensor:
     """Jacobian-matching loss between student and teacher Jacobian rows (see module docs).
 
@@ -147,16 +168,19 @@ def jacobian_matching_loss(
         eps: floor of the row norms in the normalized loss.
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (see ``jacfast.backends()``).
         outputs_dim: whether dim 1 indexes outputs (default: True when ndim >= 3).
+        weight: factor of a reduced loss ("sum", "mean"), applied in the kernel: pass the
+            term's weight in a total loss here (see module docs); must be 1 for "none".
 
     Returns:
         The loss in the input dtype: a scalar, or (B, K) / (B,) for reduction "none".
     """
     call = _validate(student_jac, teacher_jac, kind, reduction, eps, backend, outputs_dim)
+    weight = _check_weight(weight, reduction)
     if call.backend == "torch" or call.rows == 0:
-        return reference.jacobian_matching_loss(
+        return _weighted(reference.jacobian_matching_loss(
             student_jac, teacher_jac, kind=kind, reduction=reduction, eps=eps, has_k=call.has_k
-        )
-    red, scale = _reduction_args(reduction, call)
+        ), weight)
+    red, scale = _reduction_args(reduction, call, weight)
     args = (_as_rows(student_jac, call), _as_rows(teacher_jac, call), ops.KINDS[kind], red, float(eps), scale, call.backend)
     if torch.compiler.is_compiling():  # graphs see the registered op
         loss, _ = ops.jacobian_matching_fwd(*args)
@@ -165,9 +189,11 @@ def jacobian_matching_loss(
     return _shape_loss(loss, reduction, call)
 
 
-def jacobian_norm_penalty(jac: Tensor, *, reduction: str = "mean", backend: str = "auto", outputs_dim: Optional[bool] = None) -> Tensor:
+def jacobian_norm_penalty(jac: Tensor, *, reduction: str = "mean", backend: str = "auto",
+                          outputs_dim: Optional[bool] = None, weight: float = 1.0) -> Tensor:
     """Jacobian-norm penalty ``||J||^2`` per row: ``jacobian_matching_loss(jac, kind="norm")``."""
-    return jacobian_matching_loss(jac, None, kind="norm", reduction=reduction, backend=backend, outputs_dim=outputs_dim)
+    return jacobian_matching_loss(jac, None, kind="norm", reduction=reduction, backend=backend, outputs_dim=outputs_dim,
+                                  weight=weight)
 
 
 def jacobian_matching_loss_and_grad(
@@ -179,22 +205,26 @@ def jacobian_matching_loss_and_grad(
     eps: float = 1e-12,
     backend: str = "auto",
     outputs_dim: Optional[bool] = None,
+    weight: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Loss and its gradient wrt ``student_jac``, without autograd.
 
     The gradient is that of the reduced loss (for ``reduction="none"``, of its sum), shaped
-    like ``student_jac``. The native backends compute both in one fused pass over the rows;
+    like ``student_jac``; ``weight`` as in :func:`jacobian_matching_loss` (both outputs are of
+    the weighted loss). The native backends compute both in one fused pass over the rows;
     neither output carries an autograd graph.
     """
     call = _validate(student_jac, teacher_jac, kind, reduction, eps, backend, outputs_dim)
+    weight = _check_weight(weight, reduction)
     if call.backend == "torch" or call.rows == 0:
         with torch.enable_grad():
             leaf = student_jac.detach().requires_grad_(True)
             teacher = None if teacher_jac is None else teacher_jac.detach()
-            loss = reference.jacobian_matching_loss(leaf, teacher, kind=kind, reduction=reduction, eps=eps, has_k=call.has_k)
+            loss = _weighted(reference.jacobian_matching_loss(leaf, teacher, kind=kind, reduction=reduction, eps=eps,
+                                                              has_k=call.has_k), weight)
             (grad,) = torch.autograd.grad(loss.sum(), leaf)
         return loss.detach(), grad
-    red, scale = _reduction_args(reduction, call)
+    red, scale = _reduction_args(reduction, call, weight)
     teacher_rows = None if teacher_jac is None else _as_rows(teacher_jac.detach(), call)
     loss, grad = ops.jacobian_matching_fwd_bwd(
         _as_rows(student_jac.detach(), call), teacher_rows, ops.KINDS[kind], red, float(eps), scale, call.backend
@@ -205,22 +235,25 @@ def jacobian_matching_loss_and_grad(
 class JacobianMatchingLoss(nn.Module):
     """``nn.Module`` form of :func:`jacobian_matching_loss`, in the style of ``nn.MSELoss``.
 
-    ``forward(student_jac, teacher_jac=None)``; shapes and reductions as the function.
+    ``forward(student_jac, teacher_jac=None)``; shapes, reductions and ``weight`` as the function.
     """
 
-    def __init__(self, kind: str = "normalized", reduction: str = "mean", eps: float = 1e-12, backend: str = "auto"):
+    def __init__(self, kind: str = "normalized", reduction: str = "mean", eps: float = 1e-12, backend: str = "auto",
+                 weight: float = 1.0):
         super().__init__()
         if kind not in ops.KINDS:
             raise ValueError(f"kind must be one of {tuple(ops.KINDS)}, got {kind!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.kind, self.reduction, self.eps, self.backend = kind, reduction, eps, backend
+        self.weight = _check_weight(weight, reduction)
 
     def forward(self, student_jac: Tensor, teacher_jac: Optional[Tensor] = None, outputs_dim: Optional[bool] = None) -> Tensor:
         return jacobian_matching_loss(
             student_jac, teacher_jac, kind=self.kind, reduction=self.reduction, eps=self.eps,
-            backend=self.backend, outputs_dim=outputs_dim,
+            backend=self.backend, outputs_dim=outputs_dim, weight=self.weight,
         )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, reduction={self.reduction!r}, eps={self.eps}, backend={self.backend!r}"
+        weight = "" if self.weight == 1 else f", weight={self.weight}"
+        return f"kind={self.kind!r}, reduction={self.reduction!r}, eps={self.eps}, backend={self.backend!r}{weight}"

@@ -71,6 +71,23 @@ def test_components_and_weights():
     torch.testing.assert_close(out.logits, s)
 
 
+def test_beta_reaches_the_loss_head_as_its_weight(monkeypatch):
+    """Exact estimator: beta is the loss head's weight, so the gradient the head's backward
+    receives is 1 (its fused gradient goes on unscaled) and the total's parameter gradient is
+    that of beta times the term."""
+    from jacfast.ops import jacobian_matching as ops
+
+    teacher, student, x, y = make(torch.float32)
+    upstream = []
+    real = ops._scale_by_upstream_
+    monkeypatch.setattr(ops, "_scale_by_upstream_", lambda g, gl, r: (upstream.append(gl.item()), real(g, gl, r)))
+    out = DistillationLoss(teacher, ce_weight=0, kd_weight=0, beta=0.3, k=2, backend="cpu")(student, x, y)
+    got = param_grad(out.total, student)
+    assert upstream == [1.0]
+    out = DistillationLoss(teacher, ce_weight=0, kd_weight=0, beta=1.0, k=2, backend="torch")(student, x, y)
+    assert rel(got, 0.3 * param_grad(out.total, student)) < 1e-5
+
+
 def test_target_selection_uses_the_label():
     teacher, student, x, y = make()
     loss = DistillationLoss(teacher, select="target", kind="squared", ce_weight=0, kd_weight=0, backend="torch")

@@ -78,6 +78,14 @@ BAD_CALLS = [
     (ValueError, "student_jac must have shape", lambda s, t: jacfast.jacobian_matching_loss(s[0, 0], t[0, 0])),
     (ValueError, "kind must be", lambda s, t: jacfast.JacobianMatchingLoss(kind="l1")),
     (ValueError, "teacher_jac shape", lambda s, t: jacfast.jacobian_matching_loss_and_grad(s, t[:1])),
+    (ValueError, "weight must be a finite number", lambda s, t: jacfast.jacobian_matching_loss(s, t, weight=float("nan"))),
+    (ValueError, "weight must be a finite number", lambda s, t: jacfast.jacobian_matching_loss(s, t, weight=float("inf"))),
+    (ValueError, "weight must be a finite number", lambda s, t: jacfast.jacobian_matching_loss(s, t, weight=True)),
+    (ValueError, "weight must be a finite number", lambda s, t: jacfast.jacobian_matching_loss(s, t, weight="2")),
+    (ValueError, "weight scales a reduced loss",
+     lambda s, t: jacfast.jacobian_matching_loss(s, t, reduction="none", weight=2.0)),
+    (ValueError, "weight scales a reduced loss", lambda s, t: jacfast.JacobianMatchingLoss(reduction="none", weight=0.5)),
+    (ValueError, "weight must be", lambda s, t: jacfast.jacobian_matching_loss_and_grad(s, t, weight=float("nan"))),
 ]
 
 
@@ -147,25 +155,29 @@ def test_fused_gradient_only_when_it_will_be_used(backend, device, monkeypatch):
     monkeypatch.setattr(ops, "_kernels", lambda name: Spy(real(name)))
     student, teacher = make_pair((4, 2, 9), torch.float32, device, "normalized")
     fused = ["forward_backward"] if backend in ops.FUSED_BACKENDS else ["forward"]
-    cases = [  # (student requires grad, teacher requires grad, grad mode, kernels expected)
-        (True, False, True, fused), (True, False, False, ["forward"]),
-        (True, True, True, ["forward"]), (False, True, True, ["forward"]),
+    # 16-bit: fused on the GPU backends only (the CPU's 16-bit kernels are compute-bound)
+    fused16 = ["forward_backward"] if backend in ("triton", "cuda") else ["forward"]
+    cases = [  # (dtype, student requires grad, teacher requires grad, grad mode, kernels expected)
+        (torch.float32, True, False, True, fused), (torch.float32, True, False, False, ["forward"]),
+        (torch.float32, True, True, True, ["forward"]), (torch.float32, False, True, True, ["forward"]),
+        (torch.bfloat16, True, False, True, fused16), (torch.float16, True, False, True, fused16),
     ]
-    for s_grad, t_grad, grad_mode, expected in cases:
+    for dtype, s_grad, t_grad, grad_mode, expected in cases:
         calls.clear()
         with torch.set_grad_enabled(grad_mode):
-            jacfast.jacobian_matching_loss(student.clone().requires_grad_(s_grad), teacher.clone().requires_grad_(t_grad),
-                                           backend=backend)
-        assert calls == expected, (s_grad, t_grad, grad_mode)
+            jacfast.jacobian_matching_loss(student.to(dtype, copy=True).requires_grad_(s_grad),
+                                           teacher.to(dtype, copy=True).requires_grad_(t_grad), backend=backend)
+        assert calls == expected, (dtype, s_grad, t_grad, grad_mode)
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("kind", KINDS)
-def test_eager_path_and_registered_op_agree_bitwise(backend, device, kind):
-    """The eager Function (fused on CPU) and the op that compiled graphs call: the same bits,
-    except that the fused path scales its saved gradient by an upstream gradient != 1 in the
-    input dtype (a second rounding: within an ulp)."""
-    student, teacher = make_pair((6, 3, 257), torch.float32, device, kind)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_eager_path_and_registered_op_agree_bitwise(backend, device, kind, dtype):
+    """The eager Function (fused where FUSED_DTYPES says) and the op that compiled graphs
+    call: the same bits, except that the fused path scales its saved gradient by an upstream
+    gradient != 1 in the input dtype (a second rounding: within an ulp)."""
+    student, teacher = make_pair((6, 3, 257), dtype, device, kind)
     args = (ops.KINDS[kind], ops.REDUCTION_SCALED_SUM, 1e-12, 1 / 6, backend)
     rows_s = student.reshape(18, -1)
     rows_t = None if teacher is None else teacher.reshape(18, -1)
@@ -177,11 +189,42 @@ def test_eager_path_and_registered_op_agree_bitwise(backend, device, kind):
         loss2, _ = ops.jacobian_matching_fwd(s2, rows_t, *args)
         (g2,) = torch.autograd.grad(loss2 * upstream, s2)
         assert torch.equal(loss1, loss2)
-        if upstream == 1.0 or backend not in ops.FUSED_BACKENDS:
+        if upstream == 1.0 or dtype not in ops.FUSED_DTYPES.get(backend, ()):
             assert torch.equal(g1, g2)
         else:
-            ulp = torch.finfo(torch.float32).eps * g2.abs()
+            ulp = torch.finfo(dtype).eps * g2.abs()
             assert ((g1 - g2).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends() + [("torch", DEVICE)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_is_folded_into_the_reduced_loss(backend, device, kind):
+    """weight w: w times the loss and its gradient (float64 oracle), for "sum" and "mean",
+    through autograd and loss_and_grad; in the kernels w is part of the scale, rounded once,
+    so the gradient reaching autograd is unscaled and both paths give the same bits."""
+    student, teacher = make_pair((5, 2, 67), torch.float64, device, kind)
+    for reduction in ("sum", "mean"):
+        for w in (0.3, -2.5, 0.0):
+            ref = reference.jacobian_matching_loss(student.requires_grad_(True), teacher, kind=kind,
+                                                   reduction=reduction)
+            (ref_grad,) = torch.autograd.grad(ref, student)
+            leaf = student.detach().clone().requires_grad_(True)
+            loss = jacfast.jacobian_matching_loss(leaf, teacher, kind=kind, reduction=reduction, backend=backend,
+                                                  weight=w)
+            (grad,) = torch.autograd.grad(loss, leaf)
+            torch.testing.assert_close(loss, w * ref.detach(), rtol=1e-12, atol=1e-300)
+            torch.testing.assert_close(grad, w * ref_grad, rtol=1e-12, atol=1e-300)
+            value, grad2 = jacfast.jacobian_matching_loss_and_grad(student.detach(), teacher, kind=kind,
+                                                                   reduction=reduction, backend=backend, weight=w)
+            assert torch.equal(value, loss.detach()) and torch.equal(grad2, grad), (reduction, w)
+        student = student.detach()
+
+
+def test_loss_module_passes_its_weight():
+    student, teacher = torch.randn(4, 2, 7), torch.randn(4, 2, 7)
+    module = jacfast.JacobianMatchingLoss(weight=0.25, backend="torch")
+    assert "weight=0.25" in repr(module)
+    torch.testing.assert_close(module(student, teacher), 0.25 * jacfast.jacobian_matching_loss(student, teacher))
 
 
 def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):

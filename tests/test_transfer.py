@@ -79,6 +79,24 @@ def test_values_match_a_manual_computation():
     assert set(out.scalars()) == {"total", "ce", "activation", "attention", "jacobian"}
 
 
+def test_jacobian_weight_reaches_the_loss_head_as_its_weight(monkeypatch):
+    """As DistillationLoss's beta: the loss head's backward receives 1, and the total's
+    parameter gradient is jacobian_weight times the unweighted term's."""
+    from jacfast.ops import jacobian_matching as ops
+
+    teacher, student = nets(torch.float32)
+    x, y = data(torch.float32)
+    upstream = []
+    real = ops._scale_by_upstream_
+    monkeypatch.setattr(ops, "_scale_by_upstream_", lambda g, gl, r: (upstream.append(gl.item()), real(g, gl, r)))
+    kw = dict(ce_weight=0, attention_weight=0)
+    out = TransferLoss(teacher, student, ["block1", "block2"], jacobian_weight=0.3, backend="cpu", **kw)(x, y)
+    got = param_grad(out.total, student)
+    assert upstream == [1.0]
+    out = TransferLoss(teacher, student, ["block1", "block2"], jacobian_weight=1.0, backend="torch", **kw)(x, y)
+    assert float((got - 0.3 * param_grad(out.total, student)).norm() / got.norm()) < 1e-4
+
+
 def test_identical_networks_give_zero_and_hooks_are_removed():
     teacher, _ = nets()
     student = copy.deepcopy(teacher)

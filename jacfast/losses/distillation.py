@@ -258,12 +258,17 @@ class DistillationLoss(nn.Module):
         need_jac = self.beta > 0 and self.estimator != "noise"
         t = self._teacher_outputs(x, target, teacher_outputs, need_jac)
         zero = x.new_zeros(())
+        weighted = None  # beta * jac, where the loss head forms it
         if not self.beta > 0:
             logits, jac = _check_logits(student(x), B, "student"), zero
         elif self.estimator == "exact":
             sel = _selections().indices(t.indices)
             logits, J_s, _ = input_jacobians(student, x, sel, create_graph=True, strategy=self.strategy)
-            jac = _jm().jacobian_matching_loss(J_s, t.jac.to(J_s.dtype), kind=self.kind, backend=self.backend)
+            # beta goes into the kernel: its gradient then reaches the loss head as 1, which the
+            # fused backends hand over without a pass to scale it
+            weighted = _jm().jacobian_matching_loss(J_s, t.jac.to(J_s.dtype), kind=self.kind, backend=self.backend,
+                                                    weight=self.beta)
+            jac = weighted / self.beta
         elif self.estimator == "finite_difference":
             logits, jac = self._finite_difference(student, x, t)
         else:
@@ -279,7 +284,7 @@ class DistillationLoss(nn.Module):
             wide = torch.promote_types(logits.dtype, torch.float32)
             kd = F.kl_div(F.log_softmax(logits.to(wide) / T, 1), F.log_softmax(t.logits.to(wide) / T, 1),
                           reduction="batchmean", log_target=True) * (T * T)
-        total = self.ce_weight * ce + self.kd_weight * kd + self.beta * jac
+        total = self.ce_weight * ce + self.kd_weight * kd + (self.beta * jac if weighted is None else weighted)
         return DistillationOutput(total, ce, kd, jac, logits)
 
     def _finite_difference(self, student, x: Tensor, t: TeacherOutputs):

@@ -242,19 +242,22 @@ class TransferLoss(nn.Module):
                         where.append((pair[1], grid, i_star))
                         t_vals.append(at.gather(1, i_star))
                         s_vals.append(as_.gather(1, i_star))
-            jac = zero
+            jac, weighted = zero, None
             if need_jac:
-                jac = self._jacobian(student, x, x_t, x_s, torch.cat(t_vals, 1), torch.cat(s_vals, 1), where, state)
+                jac, weighted = self._jacobian(student, x, x_t, x_s, torch.cat(t_vals, 1), torch.cat(s_vals, 1), where,
+                                               state)
         ce = zero
         if self.ce_weight > 0:
             logits = _check_logits(logits, B, "student")
             ce = F.cross_entropy(logits, _check_target(target, B, logits.shape[1]))
         total = (self.ce_weight * ce + self.activation_weight * act + self.attention_weight * att
-                 + self.jacobian_weight * jac)
+                 + (self.jacobian_weight * jac if weighted is None else weighted))
         return TransferOutput(total, ce, act, att, jac, logits)
 
-    def _jacobian(self, student, x, x_t, x_s, t_vals: Tensor, s_vals: Tensor, where: list, state) -> Tensor:
-        """t_vals, s_vals: (B, L) map values at the teacher's argmax -> the Jacobian term.
+    def _jacobian(self, student, x, x_t, x_s, t_vals: Tensor, s_vals: Tensor, where: list,
+                  state) -> tuple[Tensor, Optional[Tensor]]:
+        """t_vals, s_vals: (B, L) map values at the teacher's argmax -> the Jacobian term, and
+        (exact estimator) jacobian_weight times it as the loss head forms it, else None.
 
         where: per pair, (student layer, common grid, argmax (B, 1)) to re-evaluate the
         student's values at perturbed inputs (finite differences).
@@ -266,7 +269,10 @@ class TransferLoss(nn.Module):
         if self.estimator == "exact":
             J_s = torch.stack([torch.autograd.grad(s_vals[:, l].sum(), x_s, create_graph=True, retain_graph=True)[0]
                                for l in range(L)], 1)
-            return jm.jacobian_matching_loss(J_s, J_t.to(J_s.dtype), kind=self.kind, backend=self.backend)
+            # the weight goes into the kernel (see DistillationLoss.forward)
+            weighted = jm.jacobian_matching_loss(J_s, J_t.to(J_s.dtype), kind=self.kind, backend=self.backend,
+                                                 weight=self.jacobian_weight)
+            return weighted / self.jacobian_weight, weighted
         J_s = _first_order_rows(s_vals, x_s)
         value, g = jm.jacobian_matching_loss_and_grad(J_s, J_t.to(J_s.dtype), kind=self.kind, backend=self.backend)
 
@@ -277,4 +283,5 @@ class TransferLoss(nn.Module):
                               .gather(1, i_star.repeat(reps, 1)) for name, grid, i_star in where], 1)
 
         base = s_vals if self.fd_scheme == "forward" else None  # the main forward's values, with their graph
-        return _attach(value, fd_directional(student, values_at, x, g, rel_step=self.fd_step, state=state, base=base))
+        return _attach(value, fd_directional(student, values_at, x, g, rel_step=self.fd_step, state=state,
+                                             base=base)), None
