@@ -360,7 +360,7 @@ def jacobian_penalty(model, x: Tensor, *, num_projections: Optional[int] = 1, es
         sel = _selections()
         sel = sel.all() if num_projections is None else sel.projections(num_projections)
         logits, rows, _ = input_jacobians(model, x, sel, create_graph=True, strategy=strategy)
-        pen = _jm().jacobian_norm_penalty(rows, backend=backend) * scale
+        pen = _jm().jacobian_norm_penalty(rows, backend=backend, weight=scale)  # in the kernel's scale
         return (pen, logits) if return_logits else pen
     # finite_difference: own forward (its graph serves the logits), first-order rows only
     x_in = x if x.requires_grad else x.detach().requires_grad_(True)
