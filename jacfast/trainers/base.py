@@ -28,6 +28,7 @@ averaged over it. Everything else lives here:
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -125,7 +126,21 @@ def init_distributed(device: torch.device) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_release_process_group)
     return dist.get_world_size() > 1
+
+
+def _release_process_group() -> None:
+    """At exit, before the interpreter finalizes: give gloo's worker threads time to drop the
+    collectives they have finished, then destroy the group. A worker that releases a finished
+    collective's tensors needs the GIL; once finalization has begun that ends the thread, and
+    a C++ thread ended that way aborts the process ("terminate called without an active
+    exception"): 1 exit in 15-40 of a 2-rank run, after the final checkpoint's
+    all_gather_object. Every collective here waits for its result, so only that release can
+    be pending; sleeping lets it take the GIL."""
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(0.1)
+        dist.destroy_process_group()
 
 
 def config_hash(config: dict) -> str:
