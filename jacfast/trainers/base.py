@@ -135,7 +135,7 @@ def _release_process_group() -> None:
     collectives they have finished, then destroy the group. A worker that releases a finished
     collective's tensors needs the GIL; once finalization has begun that ends the thread, and
     a C++ thread ended that way aborts the process ("terminate called without an active
-    exception"): 1 exit in 15-40 of a 2-rank run, after the final checkpoint's
+    exception"): 1 exit in 12-60 of a 2-rank run, after the final checkpoint's
     all_gather_object. Every collective here waits for its result, so only that release can
     be pending; sleeping lets it take the GIL."""
     if dist.is_available() and dist.is_initialized():
