@@ -4,15 +4,9 @@
 - :class:`Distiller`: teacher -> student with a distillation loss (``jacfast.DistillationLoss``).
 - :class:`TransferTrainer`: teacher features -> student on a new data set (``jacfast.TransferLoss``).
 """
-from jacfast.trainers.base import (
-    BatchStream,
-    CheckpointMismatchError,
-    GradScaled,
-    Trainer,
-    TrainingInterrupted,
-    atomic_save,
-    unwrap,
-)
+from jacfast.trainers.base import CheckpointMismatchError, Trainer, TrainingInterrupted
+from jacfast.trainers.grad_scaling import GradScaled, unwrap
+from jacfast.trainers.state import BatchStream, atomic_save
 from jacfast.trainers.distiller import Distiller, SupervisedTrainer
 from jacfast.trainers.transfer import TransferTrainer
 

@@ -28,8 +28,6 @@ averaged over it. Everything else lives here:
 """
 from __future__ import annotations
 
-import atexit
-import hashlib
 import json
 import math
 import os
@@ -38,12 +36,16 @@ import signal
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from jacfast.trainers.distributed import dist_info, init_distributed
+from jacfast.trainers.grad_scaling import GradScaled, unwrap
+from jacfast.trainers.state import BatchStream, atomic_save, config_hash, restore_rng_state, rng_state
 
 CKPT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -61,156 +63,6 @@ class TrainingInterrupted(Exception):
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint belongs to a different model or training configuration."""
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the incoming gradient by ``scale`` (differentiably)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad * ctx.scale, None  # a plain product: differentiable again (double backward)
-
-
-class GradScaled(nn.Module):
-    """Wraps a network so input gradients are computed in a scaled domain (fp16 underflow guard).
-
-    ``forward(x)`` returns ``net(x)`` unchanged; a backward seed at the output is multiplied by
-    ``scale`` before it runs through the (fp16) network and divided by it again, in the input's
-    dtype (fp32), when it reaches ``x``. The input gradient is therefore the true one, in fp32.
-    Parameter gradients are unaffected: the ``scale`` and ``1/scale`` factors cancel on the path
-    from the output, and parameters do not sit on the input side.
-    """
-
-    def __init__(self, net: nn.Module, scale: float = 1.0):
-        super().__init__()
-        self.net, self.scale = net, float(scale)
-
-    def forward(self, x: Tensor, *args, **kwargs):
-        if self.scale == 1.0:
-            return self.net(x, *args, **kwargs)
-        out = self.net(_ScaleGrad.apply(x, 1.0 / self.scale), *args, **kwargs)
-        return _ScaleGrad.apply(out, self.scale)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("net"), name)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare network under DDP / GradScaled wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, GradScaled)):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model.net
-    return model
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not initialized."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Initialize the process group when launched by torchrun (WORLD_SIZE > 1). Returns whether DDP is on."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_release_process_group)
-    return dist.get_world_size() > 1
-
-
-def _release_process_group() -> None:
-    """At exit, before the interpreter finalizes: give gloo's worker threads time to drop the
-    collectives they have finished, then destroy the group. A worker that releases a finished
-    collective's tensors needs the GIL; once finalization has begun that ends the thread, and
-    a C++ thread ended that way aborts the process ("terminate called without an active
-    exception"): 1 exit in 12-60 of a 2-rank run, after the final checkpoint's
-    all_gather_object. Every collective here waits for its result, so only that release can
-    be pending; sleeping lets it take the GIL."""
-    if dist.is_available() and dist.is_initialized():
-        time.sleep(0.1)
-        dist.destroy_process_group()
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same directory, fsync, then os.replace (atomic on POSIX)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class BatchStream:
-    """Endless stream of batch indices over ``n`` examples: seeded permutations, one after another.
-
-    ``next()`` returns a (batch,) int64 index tensor; batches may straddle two permutations.
-    Its state (the generator state before the current permutation + the position in it) is
-    enough to reproduce the remaining stream exactly.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, min(batch_size, n)
-        self.gen = torch.Generator().manual_seed(int(seed))
-        self.perm: Optional[Tensor] = None
-        self.pos, self._state_at_perm = 0, None
-
-    def _new_perm(self) -> None:
-        self._state_at_perm = self.gen.get_state()
-        self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-
-    def next(self) -> Tensor:
-        parts, need = [], self.batch_size
-        while need:
-            if self.perm is None or self.pos == self.n:
-                self._new_perm()
-            take = min(need, self.n - self.pos)
-            parts.append(self.perm[self.pos:self.pos + take])
-            self.pos, need = self.pos + take, need - take
-        return torch.cat(parts)
-
-    def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "state_at_perm": self._state_at_perm, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["state_at_perm"] is None:
-            self.gen.set_state(state["gen"])
-            self.perm, self.pos = None, 0
-            return
-        self.gen.set_state(state["state_at_perm"])
-        self._new_perm()  # regenerates the same permutation and leaves gen where it was
-        self.pos = state["pos"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +221,7 @@ class Trainer:
         }
 
     def _gather_rng(self) -> list:
-        state = _rng_state()
+        state = rng_state()
         if not self.ddp:
             return [state]
         out = [None] * self.world
@@ -388,7 +240,7 @@ class Trainer:
         self.skipped_steps, self.history = state["skipped_steps"], list(state["history"])
         self._epoch_sums = dict(state["epoch_sums"])
         self.stream.load_state_dict(state["stream"])
-        _set_rng_state(state["rng"][self.rank])
+        restore_rng_state(state["rng"][self.rank])
 
     def check_compatible(self, state: dict) -> None:
         """Raise CheckpointMismatchError unless ``state`` was written with this exact config."""

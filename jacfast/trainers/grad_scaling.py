@@ -1,0 +1,52 @@
+"""Input-gradient passes in a scaled domain (the fp16 underflow guard of the trainers)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``scale`` (differentiably)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None  # a plain product: differentiable again (double backward)
+
+
+class GradScaled(nn.Module):
+    """Wraps a network so input gradients are computed in a scaled domain (fp16 underflow guard).
+
+    ``forward(x)`` returns ``net(x)`` unchanged; a backward seed at the output is multiplied by
+    ``scale`` before it runs through the (fp16) network and divided by it again, in the input's
+    dtype (fp32), when it reaches ``x``. The input gradient is therefore the true one, in fp32.
+    Parameter gradients are unaffected: the ``scale`` and ``1/scale`` factors cancel on the path
+    from the output, and parameters do not sit on the input side.
+    """
+
+    def __init__(self, net: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.net, self.scale = net, float(scale)
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        if self.scale == 1.0:
+            return self.net(x, *args, **kwargs)
+        out = self.net(_ScaleGrad.apply(x, 1.0 / self.scale), *args, **kwargs)
+        return _ScaleGrad.apply(out, self.scale)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network under DDP / GradScaled wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, GradScaled)):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model.net
+    return model
