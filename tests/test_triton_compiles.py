@@ -5,7 +5,10 @@ compiler: an op the compiler rejects, a type it cannot infer or a layout it cann
 would first show on a lent GPU, whose minutes are few. Triton compiles ahead of time for a
 named target with the ptxas it ships, so this checks (in a child process, since the test
 session has TRITON_INTERPRET set) that each kernel reaches a cubin with every config it
-runs with (autotuned and fixed), and that the fused kernels' largest tiles do not spill.
+runs with (autotuned and fixed) and the options it is launched with, that the fused kernels'
+largest tiles do not spill, that no loss-head kernel contains a fused multiply-add (their
+bits would then depend on the config, see EXACT) and that the row barrier polls its counter
+with an acquire load inside its loop.
 """
 import json
 import os
@@ -17,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -28,11 +31,15 @@ assert jm.forward_backward is jf.forward_backward
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = lambda dt: "*" + dt
 results = []
+# a basic block that reads with acquire semantics and branches back to its own label: a poll
+# the compiler kept inside its loop (a load hoisted out of it would spin on a stale value)
+POLL_LOOP = re.compile(r"(\$L__BB\d+_\d+):.*\n(?:(?!\$L__BB).*\n)*?.*ld\.global\.gpu\.acquire.*\n"
+                       r"(?:(?!\$L__BB).*\n)*?.*bra(?:\.uni)?\s+\1;")
 
-def compile_(fn, sig, consts, num_warps=4):
+def compile_(fn, sig, consts, num_warps=4, options=jm.EXACT):
     sig = {**sig, **{name: "constexpr" for name in consts}}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
-                       options={"num_warps": num_warps})
+                       options={"num_warps": num_warps, **options})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     stack = None
     if os.path.exists(cuobjdump):
@@ -40,7 +47,9 @@ def compile_(fn, sig, consts, num_warps=4):
             f.write(k.asm["cubin"]); f.flush()
             out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         stack = sum(int(w.split(":")[1]) for w in out.split() if w.startswith("STACK:"))
-    results.append({"kernel": fn.__name__, "consts": consts, "num_warps": num_warps, "stack": stack})
+    ptx = k.asm["ptx"]
+    results.append({"kernel": fn.__name__, "consts": consts, "num_warps": num_warps, "stack": stack,
+                    "fma": ptx.count("fma.rn"), "poll_loop": bool(POLL_LOOP.search(ptx))})
 
 rows = {"R": "i64", "D": "i64"}
 def configs(tuned, fixed):  # every (constexprs, num_warps) the kernel runs with
@@ -79,7 +88,7 @@ for dt, rnd in (("fp32", 0), ("bf16", 2), ("fp16", 1), ("fp64", 0)):
     compile_(jf._scale_unless_one_kernel, {"x_ptr": PTR(dt), "g_ptr": PTR(dt), "g_stride": "i64", **rows},
              {"RND": rnd, "BD": 1024, "RB": 4})
     compile_(tk._topk_seeds_kernel, {"x_ptr": PTR(dt), "idx_ptr": "*i64", "seeds_ptr": PTR(dt), "B": "i64",
-             "C": "i64", "K": "i64"}, {"BLOCK_C": 4096}, num_warps=8)
+             "C": "i64", "K": "i64"}, {"BLOCK_C": 4096}, num_warps=8, options={})
 print(json.dumps(results))
 """
 
@@ -98,3 +107,6 @@ def test_every_triton_kernel_compiles_for_sm90():
     for r in results:  # the fused kernels hold rows in registers: none may go to local memory
         if r["kernel"] in ("_fused_kernel", "_barrier_kernel") and r["stack"] is not None:
             assert r["stack"] == 0, r
+        if r["kernel"] != "_topk_seeds_kernel":
+            assert r["fma"] == 0, r
+    assert all(r["poll_loop"] for r in results if r["kernel"] == "_barrier_kernel")

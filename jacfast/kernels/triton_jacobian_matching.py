@@ -40,6 +40,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "t
 _MAX_BLOCK = 2048  # longest per-row accumulator (fp64 lanes); also fixes the reduction tree
 _BWD_MAX_BD = 1024  # backward tile width
 _FIN_TILE = 1024  # workspace elements per step of the finishing kernel (rows x splits)
+# Every loss-head launch compiles without multiply-add contraction: with it the compiler fuses
+# `acc + s * s` or `c0 * s - c1 * t` into an FMA where it sees one, and whether it does
+# depends on the block shape (the tuned config), so float64 row sums would differ in their
+# last bit between forward and forward_backward and between configs. The interpreter never
+# fuses (so its tests check these bits); the CUDA backend writes its FMAs out (__fma_rn).
+EXACT = dict(enable_fp_fusion=False)
 _CPU_SMS = 4  # pretend SM count under the interpreter: small, but makes long rows split
 # Unsplit rows of up to 2 blocks (4096 elements), which _fused_kernel holds in registers; more
 # would need a sequential sum over the chunks, which a register tile does not give cheaply.
@@ -358,9 +364,9 @@ def forward(student, teacher, kind: int, reduction: int, eps: float, scale: floa
     if _partials_tuned is None:
         cfg, warps = FIXED["partials"]
         grid = (triton.cdiv(R, cfg["TILE"] // block), splits)
-        _partials_kernel[grid](*args, **meta, **cfg, num_warps=warps)
+        _partials_kernel[grid](*args, **meta, **cfg, num_warps=warps, **EXACT)
     else:
-        _partials_tuned[lambda m: (triton.cdiv(R, m["TILE"] // block), splits)](*args, **meta)
+        _partials_tuned[lambda m: (triton.cdiv(R, m["TILE"] // block), splits)](*args, **meta, **EXACT)
 
     return _finish(ws, R, splits, kind, reduction, eps, scale, student)
 
@@ -382,7 +388,7 @@ def _finish(ws, R: int, splits: int, kind: int, reduction: int, eps: float, scal
                          _f64_bits(scale), KIND=kind, REDUCTION=reduction,
                          RND=_rnd(student.dtype), FIN_RB=fin_rb,
                          LOG2_FIN_RB=fin_rb.bit_length() - 1, SB=sb,
-                         LOG2_SB=sb.bit_length() - 1, num_warps=nw)
+                         LOG2_SB=sb.bit_length() - 1, num_warps=nw, **EXACT)
     return loss, coef
 
 
@@ -414,10 +420,10 @@ def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
     if _backward_tuned is None:
         cfg, warps = FIXED["backward"]
         grid = (triton.cdiv(R, cfg["TILE"] // bd) * triton.cdiv(D, bd),)
-        _backward_kernel[grid](*args, **meta, **cfg, num_warps=warps)
+        _backward_kernel[grid](*args, **meta, **cfg, num_warps=warps, **EXACT)
     else:
         _backward_tuned[lambda m: (triton.cdiv(R, m["TILE"] // bd) * triton.cdiv(D, bd),)](
-            *args, **meta)
+            *args, **meta, **EXACT)
     return gs, gt
 
 

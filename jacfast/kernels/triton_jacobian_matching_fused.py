@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_jacobian_matching import (_BWD_MAX_BD, _INTERPRET, AUTOTUNE, FIXED, _f64_bits, _finish, _next_pow2,
+from .triton_jacobian_matching import (_BWD_MAX_BD, _INTERPRET, AUTOTUNE, EXACT, FIXED, _f64_bits, _finish, _next_pow2,
                                        _num_sms, _plan, _rnd, _rounded, _row_sums, _row_terms,
                                        _student_grad, _tree_sum, _unit_upstream, backward, forward)
 
@@ -214,9 +214,9 @@ def forward_backward(student, teacher, kind: int, reduction: int, eps: float, sc
                 LOG2_BLOCK=block.bit_length() - 1, NB=_next_pow2(triton.cdiv(D, block)))
     if _fused_tuned is None:
         cfg, warps = FIXED["fused"]
-        _fused_kernel[(triton.cdiv(R, cfg["RB"]),)](*args, **meta, **cfg, num_warps=warps)
+        _fused_kernel[(triton.cdiv(R, cfg["RB"]),)](*args, **meta, **cfg, num_warps=warps, **EXACT)
     else:
-        _fused_tuned[lambda m: (triton.cdiv(R, m["RB"]),)](*args, **meta)
+        _fused_tuned[lambda m: (triton.cdiv(R, m["RB"]),)](*args, **meta, **EXACT)
     loss, _ = _finish(ws, R, 1, kind, reduction, eps, scale, student)
     return loss, gs
 
@@ -259,11 +259,11 @@ def _forward_backward_split(student, teacher, reduction: int, eps: float, scale:
     _barrier_kernel[(RS,)](student, t, ws, gs, sync, R, D, splits, RS, _f64_bits(eps), _f64_bits(scale),
                            _BARRIER_POLLS, HAS_T=has_t, REDUCTION=reduction, RND=_rnd(dtype), BLOCK=block,
                            LOG2_BLOCK=block.bit_length() - 1, SB=sb, LOG2_SB=sb.bit_length() - 1,
-                           num_warps=8)
+                           num_warps=8, **EXACT)
     loss, coef = _finish(ws, R, splits, 0, reduction, eps, scale, student)
     _pending_backward_kernel[(triton.cdiv(RS, _PENDING_FLAGS),)](
         student, t, coef, gs, sync[1 + R:], D, block, splits, RS, _f64_bits(scale), HAS_T=has_t,
-        REDUCTION=reduction, RND=_rnd(dtype), PB=_PENDING_FLAGS, BD=_BWD_MAX_BD, num_warps=4)
+        REDUCTION=reduction, RND=_rnd(dtype), PB=_PENDING_FLAGS, BD=_BWD_MAX_BD, num_warps=4, **EXACT)
     return loss, gs
 
 
@@ -276,5 +276,5 @@ def scale_unless_one_(grad, grad_loss, reduction: int):
     bd = min(_next_pow2(D), _BWD_MAX_BD)
     rb = max(1, FIXED["backward"][0]["TILE"] // bd)
     _scale_unless_one_kernel[(triton.cdiv(R, rb) * triton.cdiv(D, bd),)](
-        grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4)
+        grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4, **EXACT)
     return grad

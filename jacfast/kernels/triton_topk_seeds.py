@@ -26,6 +26,7 @@ def _topk_seeds_kernel(x_ptr, idx_ptr, seeds_ptr, B, C, K, BLOCK_C: tl.constexpr
     # Round j picks the first element, in the order (key desc, index asc), that comes after
     # the round j-1 pick: no set of chosen indices has to be kept.
     b = tl.program_id(0).to(tl.int64)
+    planes = b * 0 + B  # B as int64: j * B * C passes 2^31 for seeds of 8 GiB and more
     row = x_ptr + b * C
     lanes = tl.arange(0, BLOCK_C).to(tl.int64)
     pk = tl.full([], _I64_MAX, tl.int64)
@@ -45,7 +46,7 @@ def _topk_seeds_kernel(x_ptr, idx_ptr, seeds_ptr, B, C, K, BLOCK_C: tl.constexpr
         tl.store(idx_ptr + b * K + j, bi)
         pk = bk
         pi = bi
-        out = seeds_ptr + (j * B + b) * C
+        out = seeds_ptr + (j * planes + b) * C
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + lanes
             one_hot = tl.where(cols == bi, 1.0, 0.0).to(seeds_ptr.dtype.element_ty)
