@@ -97,6 +97,20 @@ def test_matches_oracle_and_torch_path(backend, device, dtype, kind):
         assert torch.equal(indices.cpu(), ref_i) and torch.equal(seeds.cpu(), ref_s), msg
 
 
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_logits_on_a_device_that_is_not_the_current_one(backend):
+    if not registry._status_for(backend, "cuda").available:
+        pytest.skip(registry._status_for(backend, "cuda").reason)
+    torch.cuda.set_device(0)
+    logits = torch.randn(7, 1001, generator=torch.Generator().manual_seed(_fresh_seed()))
+    indices, seeds = topk_seeds(logits.to("cuda:1"), 5, backend=backend)
+    assert indices.device == seeds.device == torch.device("cuda", 1)
+    assert torch.equal(indices.cpu(), oracle(logits, 5))
+    assert torch.equal(seeds.cpu(), expected_seeds(oracle(logits, 5), 1001, logits.dtype))
+    assert torch.cuda.current_device() == 0
+
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_layouts_and_empty_batch(backend, device):
     _skip_missing_kernels(backend)

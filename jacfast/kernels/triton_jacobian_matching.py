@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensors_device
 from .triton_topk_seeds import topk_seeds  # noqa: F401  (also exported here)
 
 # triton.jit decides interpreted vs compiled at decoration time from the same variable.
@@ -335,7 +336,9 @@ BACKWARD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=w) for tile, w in ((
 # One config each where nothing is tuned: under the interpreter, and with
 # JACFAST_TRITON_AUTOTUNE=0 (the test suite: hundreds of shapes, each tuned over 4-5 compiled
 # configs, would take a GPU lease's minutes; the benchmarks tune, and check the results).
-FIXED = {"partials": ({"TILE": 4096}, 4), "backward": ({"TILE": 4096}, 4), "fused": ({"RB": 1}, 8)}
+# (partials at 4 warps would hold 32 elements per thread: 255 registers, and a 176-byte spill
+# for fp32 under triton 3.6.)
+FIXED = {"partials": ({"TILE": 4096}, 8), "backward": ({"TILE": 4096}, 4), "fused": ({"RB": 1}, 8)}
 AUTOTUNE = not _INTERPRET and os.environ.get("JACFAST_TRITON_AUTOTUNE", "1").strip() != "0"
 if AUTOTUNE:
     _partials_tuned = triton.autotune(configs=PARTIALS_CONFIGS,
@@ -346,6 +349,7 @@ else:
     _partials_tuned = _backward_tuned = None
 
 
+@on_tensors_device
 def forward(student, teacher, kind: int, reduction: int, eps: float, scale: float, grad_student=None):
     """Loss and coef; with ``grad_student`` (squared and norm kinds only) stage 1 also writes
     the gradient of forward_backward into it (see _partials_kernel)."""
@@ -392,6 +396,7 @@ def _finish(ws, R: int, splits: int, kind: int, reduction: int, eps: float, scal
     return loss, coef
 
 
+@on_tensors_device
 def backward(grad_loss, student, teacher, coef, reduction: int, scale: float,
              need_student: bool, need_teacher: bool):
     R, D = student.shape

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensors_device
 from .triton_jacobian_matching import (_BWD_MAX_BD, _INTERPRET, AUTOTUNE, EXACT, FIXED, _f64_bits, _finish, _next_pow2,
                                        _num_sms, _plan, _rnd, _rounded, _row_sums, _row_terms,
                                        _student_grad, _tree_sum, _unit_upstream, backward, forward)
@@ -169,16 +170,27 @@ def _scale_unless_one_kernel(x_ptr, g_ptr, g_stride, R, D, RND: tl.constexpr, BD
         tl.store(x_ptr + offs, _rounded(x * g[:, None], x_ptr, RND), mask=m)
 
 
-# For 4096-element rows, ptxas (sm_90) gives _fused_kernel about 150 / 90 / 128 registers and
-# no spills with these three (triton 3.6 and 3.8); 4 warps (32 elements per thread) reach 250
-# registers and spill for fp16/bf16 under triton 3.6. _barrier_kernel (one fixed config, never
-# tuned: a rerun would find its counters spent): 80-92 registers at 8 warps under triton 3.8,
-# 92-98 under 3.6, so 2-3 programs per SM.
+# For 4096-element rows compiled as launched (i32 sizes, 16-byte aligned pointers and D, no
+# FMA contraction), ptxas (sm_90) gives _fused_kernel 102-148 / 64-86 / 127-128 registers
+# with these three; the last spills 200 bytes for fp16/bf16 rows under triton 3.6, so 16-bit
+# rows tune over the first two (tests/test_triton_compiles.py checks every config for spills).
+# _barrier_kernel (one fixed config, never tuned: a rerun would find its counters spent):
+# 64-74 registers at 8 warps, so 3 programs per SM.
 FUSED_CONFIGS = [triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 8), (1, 16), (2, 16))]
-_fused_tuned = (triton.autotune(configs=FUSED_CONFIGS, key=["D", "KIND", "HAS_T", "REDUCTION", "RND"])(_fused_kernel)
+
+
+def fused_configs(configs, named_args, **kwargs):
+    """The FUSED_CONFIGS a launch of _fused_kernel tunes over (the autotuner's early prune)."""
+    rnd = kwargs.get("RND", named_args.get("RND", 0))
+    return [c for c in configs if rnd == 0 or c.kwargs["RB"] == 1]
+
+
+_fused_tuned = (triton.autotune(configs=FUSED_CONFIGS, key=["D", "KIND", "HAS_T", "REDUCTION", "RND"],
+                                prune_configs_by={"early_config_prune": fused_configs})(_fused_kernel)
                 if AUTOTUNE else None)
 
 
+@on_tensors_device
 def forward_backward(student, teacher, kind: int, reduction: int, eps: float, scale: float):
     """forward + backward(grad_loss = 1), the same bits as the two, reading each row once
     (3 passes over memory) wherever it can:
@@ -267,6 +279,7 @@ def _forward_backward_split(student, teacher, reduction: int, eps: float, scale:
     return loss, gs
 
 
+@on_tensors_device
 def scale_unless_one_(grad, grad_loss, reduction: int):
     """grad (R, D) *= grad_loss (per row for reduction 0, else the scalar), in place, rounded
     once; skipped on the device for rows whose grad_loss is 1, so no device sync is needed."""

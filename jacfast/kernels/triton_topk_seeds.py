@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensors_device
+
 _I64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 _I64_LOW = tl.constexpr(-0x7FFFFFFFFFFFFFFF)  # below every key (-inf maps higher)
 _MAX_BLOCK_C = 4096
@@ -53,6 +55,7 @@ def _topk_seeds_kernel(x_ptr, idx_ptr, seeds_ptr, B, C, K, BLOCK_C: tl.constexpr
             tl.store(out + cols, one_hot, mask=cols < C)
 
 
+@on_tensors_device
 def topk_seeds(logits, k: int):
     """indices (B, k) int64 (descending, ties -> lower index, NaN largest) and one-hot
     seeds (k, B, C) in logits dtype. One launch, one program per row."""
