@@ -35,6 +35,18 @@ def kernel_backends():
     return params
 
 
+def second_gpu(backend: str) -> torch.device:
+    """cuda:1, with cuda:0 made current, for tests of tensors on a GPU that is not the
+    current one; skips with fewer than two GPUs or without ``backend``."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    status = registry._status_for(backend, "cuda")
+    if not status.available:
+        pytest.skip(status.reason)
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 1)
+
+
 @pytest.fixture(autouse=DEVICE.type == "cuda")
 def poisoned_cuda_cache():
     """On a GPU, fill the caching allocator's free memory with NaN before each test.

@@ -1,10 +1,10 @@
 """Every kernel backend of the loss head against the float64 oracle (jacfast/reference.py)."""
 import pytest
 import torch
-from conftest import kernel_backends
+from conftest import kernel_backends, second_gpu
 
 import jacfast
-from jacfast import reference, registry
+from jacfast import reference
 
 KINDS = ("normalized", "squared", "norm")
 REDUCTIONS = ("none", "sum", "mean")
@@ -325,14 +325,10 @@ def test_module_form(backend, device):
     assert rel_err(penalty, reference.jacobian_matching_loss(student.double(), kind="norm")) <= 1e-5
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_tensors_on_a_device_that_is_not_the_current_one(backend):
     """Triton launches on the current device: its functions switch to their tensors' first."""
-    if not registry._status_for(backend, "cuda").available:
-        pytest.skip(registry._status_for(backend, "cuda").reason)
-    torch.cuda.set_device(0)
-    student, teacher = make_pair((5, 3, 3001), torch.float32, torch.device("cuda", 1), "normalized")
+    student, teacher = make_pair((5, 3, 3001), torch.float32, second_gpu(backend), "normalized")
     for reduction in REDUCTIONS:  # forward, backward and the fused path, all on cuda:1
         assert_matches_oracle(backend, student, teacher, "normalized", reduction)
         assert_matches_oracle(backend, student, teacher, "normalized", reduction, unit_grad=True, teacher_grad=False)

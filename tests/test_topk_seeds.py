@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import kernel_backends
+from conftest import kernel_backends, second_gpu
 
 from jacfast import reference, registry
 from jacfast.ops.topk_seeds import topk_seeds
@@ -98,14 +98,11 @@ def test_matches_oracle_and_torch_path(backend, device, dtype, kind):
 
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_logits_on_a_device_that_is_not_the_current_one(backend):
-    if not registry._status_for(backend, "cuda").available:
-        pytest.skip(registry._status_for(backend, "cuda").reason)
-    torch.cuda.set_device(0)
+    device = second_gpu(backend)
     logits = torch.randn(7, 1001, generator=torch.Generator().manual_seed(_fresh_seed()))
-    indices, seeds = topk_seeds(logits.to("cuda:1"), 5, backend=backend)
+    indices, seeds = topk_seeds(logits.to(device), 5, backend=backend)
     assert indices.device == seeds.device == torch.device("cuda", 1)
     assert torch.equal(indices.cpu(), oracle(logits, 5))
     assert torch.equal(seeds.cpu(), expected_seeds(oracle(logits, 5), 1001, logits.dtype))
