@@ -160,6 +160,38 @@ def test_forward_backward_has_the_bits_of_forward_then_backward(backend, device,
                 assert_forward_backward_bits(kernels, s, t, kind, reduction)
 
 
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_bits_on_special_values(backend, device, dtype):
+    """The same contract where rows hold NaN, +-inf, +-0, the dtype's largest values (s - t
+    overflows the dtype) and subnormals: the CPU's squared and norm kernels form the gradient
+    from one load as g (d + d), d = s - t, and backward as g (2s - 2t). Bits compared as
+    integers, so NaN payloads count too."""
+    from jacfast import registry
+
+    if backend == "triton":
+        pytest.skip("Triton: tests/test_triton_fused.py::test_forward_backward_has_the_bits_of_forward_then_backward")
+    info, kernels = torch.finfo(dtype), registry.kernels(backend, "jacobian_matching")
+    nan, inf, big, sub = float("nan"), float("inf"), info.max, info.smallest_normal / 4
+    specials = [(nan, 1.0), (inf, inf), (inf, -2.0), (big, -big), (-big, -big), (-0.0, 0.0), (-0.0, -0.0),
+                (sub, -sub), (3 * sub, sub), (big, big / 3)]
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[info.bits // 8]
+    for dim in (1001, 4096 + 37):  # one chunk with a padded tail; two chunks
+        s, t = make_pair((len(specials) + 1, dim), dtype, device, "squared")  # the last row stays plain
+        for row, (a, b) in enumerate(specials):
+            cols = torch.randint(0, dim, (3,)).tolist()
+            s[row, cols], t[row, cols] = a, b
+        for kind, teacher in ((0, t), (1, t), (1, None), (2, None)):  # squared without teacher: t = 0
+            for reduction in (0, 1):
+                scale = 1 / s.shape[0]
+                fused = kernels.forward_backward(s, teacher, kind, reduction, 1e-12, scale)
+                loss, coef = kernels.forward(s, teacher, kind, reduction, 1e-12, scale)
+                ones = torch.ones((s.shape[0],) if reduction == 0 else (), dtype=dtype, device=device)
+                grad, _ = kernels.backward(ones, s, teacher, coef, reduction, scale, True, False)
+                for got, want in zip(fused, (loss, grad)):
+                    assert torch.equal(got.reshape(-1).view(bits), want.reshape(-1).view(bits)), (dim, kind, teacher is None, reduction)
+
+
 def assert_forward_backward_bits(kernels, s, t, kind: int, reduction: int) -> None:
     """forward_backward of a kernel namespace against its forward, then backward(ones)."""
     rows, scale = s.shape[0], 1 / s.shape[0]

@@ -155,26 +155,35 @@ def test_fused_gradient_only_when_it_will_be_used(backend, device, monkeypatch):
     monkeypatch.setattr(ops, "_kernels", lambda name: Spy(real(name)))
     student, teacher = make_pair((4, 2, 9), torch.float32, device, "normalized")
     fused = ["forward_backward"] if backend in ops.FUSED_BACKENDS else ["forward"]
-    # 16-bit: fused on the GPU backends only (the CPU's 16-bit kernels are compute-bound)
+    # 16-bit normalized: fused on the GPU backends only (the CPU's are compute-bound)
     fused16 = ["forward_backward"] if backend in ("triton", "cuda") else ["forward"]
-    cases = [  # (dtype, student requires grad, teacher requires grad, grad mode, kernels expected)
-        (torch.float32, True, False, True, fused), (torch.float32, True, False, False, ["forward"]),
-        (torch.float32, True, True, True, ["forward"]), (torch.float32, False, True, True, ["forward"]),
-        (torch.bfloat16, True, False, True, fused16), (torch.float16, True, False, True, fused16),
+    cases = [  # (kind, dtype, student requires grad, teacher requires grad, grad mode, kernels expected)
+        ("normalized", torch.float32, True, False, True, fused),
+        ("normalized", torch.float32, True, False, False, ["forward"]),
+        ("normalized", torch.float32, True, True, True, ["forward"]),
+        ("normalized", torch.float32, False, True, True, ["forward"]),
+        ("normalized", torch.bfloat16, True, False, True, fused16),
+        ("normalized", torch.float16, True, False, True, fused16),
+        ("squared", torch.bfloat16, True, False, True, fused), ("squared", torch.float16, True, True, True, ["forward"]),
     ]
-    for dtype, s_grad, t_grad, grad_mode, expected in cases:
+    for kind, dtype, s_grad, t_grad, grad_mode, expected in cases:
         calls.clear()
         with torch.set_grad_enabled(grad_mode):
             jacfast.jacobian_matching_loss(student.to(dtype, copy=True).requires_grad_(s_grad),
-                                           teacher.to(dtype, copy=True).requires_grad_(t_grad), backend=backend)
-        assert calls == expected, (dtype, s_grad, t_grad, grad_mode)
+                                           teacher.to(dtype, copy=True).requires_grad_(t_grad), kind=kind,
+                                           backend=backend)
+        assert calls == expected, (kind, dtype, s_grad, t_grad, grad_mode)
+    calls.clear()
+    jacfast.jacobian_matching_loss(student.to(torch.float16, copy=True).requires_grad_(True), kind="norm",
+                                   backend=backend)
+    assert calls == fused, "norm, float16"
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_eager_path_and_registered_op_agree_bitwise(backend, device, kind, dtype):
-    """The eager Function (fused where FUSED_DTYPES says) and the op that compiled graphs
+    """The eager Function (fused where ops.fuses says) and the op that compiled graphs
     call: the same bits, except that the fused path scales its saved gradient by an upstream
     gradient != 1 in the input dtype (a second rounding: within an ulp)."""
     student, teacher = make_pair((6, 3, 257), dtype, device, kind)
@@ -189,7 +198,7 @@ def test_eager_path_and_registered_op_agree_bitwise(backend, device, kind, dtype
         loss2, _ = ops.jacobian_matching_fwd(s2, rows_t, *args)
         (g2,) = torch.autograd.grad(loss2 * upstream, s2)
         assert torch.equal(loss1, loss2)
-        if upstream == 1.0 or dtype not in ops.FUSED_DTYPES.get(backend, ()):
+        if upstream == 1.0 or not ops.fuses(backend, ops.KINDS[kind], dtype):
             assert torch.equal(g1, g2)
         else:
             ulp = torch.finfo(dtype).eps * g2.abs()

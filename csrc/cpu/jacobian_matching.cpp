@@ -14,7 +14,8 @@
 // * forward_backward: a thread forms a row's stats and writes its gradient right away, so
 //   the second read hits L1/L2 (for rows that fit there). Too few rows to keep all threads
 //   busy are split over the threads, which meet at one barrier per row. The squared and
-//   norm kinds, whose gradient needs no row sums, do it per 4096-element chunk instead.
+//   norm kinds, whose gradient needs no row sums, do it per 4096-element chunk instead, and
+//   (but for float64) from one load per element: const_chunk in the kernels header.
 // * Gradients from a quarter of the last-level cache up are written with streaming stores: a
 //   normal store first reads the line it writes (4 passes over memory instead of 3).
 #include <torch/extension.h>
@@ -54,15 +55,28 @@ int pick_isa() {
 template <class Tag> struct Kernels {
   decltype(&stats_base<Tag>) stats;
   decltype(&grad_base<Tag>) grad;
+  decltype(&fused_const_base<Tag>) fused_const;  // squared / norm forward_backward, or null
   static const Kernels& get() {
     static const int isa = pick_isa();
     // bf16 gradients with AVX512_BF16: the same loads, stores through vcvtneps2bf16
     using StoreTag = std::conditional_t<same<Tag, BF16Tag>, BF16HwTag, Tag>;
-    static const Kernels k = isa == 3   ? Kernels{stats_avx512<Tag>, grad_avx512<StoreTag>}
-                             : isa == 2 ? Kernels{stats_avx512<Tag>, grad_avx512<Tag>}
-                             : isa == 1 ? Kernels{stats_avx2<Tag>, grad_avx2<Tag>}
-                                        : Kernels{stats_base<Tag>, grad_base<Tag>};
+    static const Kernels k = isa == 3   ? Kernels{stats_avx512<Tag>, grad_avx512<StoreTag>, fused_const_for(isa)}
+                             : isa == 2 ? Kernels{stats_avx512<Tag>, grad_avx512<Tag>, fused_const_for(isa)}
+                             : isa == 1 ? Kernels{stats_avx2<Tag>, grad_avx2<Tag>, fused_const_for(isa)}
+                                        : Kernels{stats_base<Tag>, grad_base<Tag>, fused_const_for(isa)};
     return k;
+  }
+  // Not for float64 (see const_chunk), nor for half in the AVX2 clone, whose F16C stats and
+  // grad go through float buffers.
+  static decltype(fused_const) fused_const_for(int isa) {
+    if constexpr (same<Tag, double>) {
+      return nullptr;
+    } else {
+      using StoreTag = std::conditional_t<same<Tag, BF16Tag>, BF16HwTag, Tag>;
+      if (isa == 1 && same<Tag, HalfTag>) return nullptr;
+      return isa == 3 ? fused_const_avx512<StoreTag> : isa == 2 ? fused_const_avx512<Tag>
+             : isa == 1 ? fused_const_avx2<Tag> : fused_const_base<Tag>;
+    }
   }
 };
 
@@ -271,8 +285,14 @@ std::tuple<at::Tensor, at::Tensor> forward_backward(const at::Tensor& s, const c
       at::parallel_for(0, R * nc, grain_for(std::min(D, kChunk)), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const int64_t r = i / nc, ch = i % nc, lo = r * D + ch * kChunk, n = std::min(kChunk, D - ch * kChunk);
-          K.stats(sp + r * D, tp ? tp + r * D : nullptr, D, ch, ch + 1, mode, part.data() + 3 * r * nc);
-          K.grad(sp + lo, tp ? tp + lo : nullptr, n, g, c.c0, c.c1, c.c2, gp + lo, nullptr, stream);
+          const St<Tag>* tc = tp ? tp + lo : nullptr;
+          // one load per element (K.fused_const); streaming needs an aligned chunk
+          if (K.fused_const && (!stream || reinterpret_cast<uintptr_t>(gp + lo) % 64 == 0)) {
+            K.fused_const(sp + lo, tc, n, g, gp + lo, stream, part.data() + 3 * i);
+          } else {
+            K.stats(sp + r * D, tp ? tp + r * D : nullptr, D, ch, ch + 1, mode, part.data() + 3 * r * nc);
+            K.grad(sp + lo, tc, n, g, c.c0, c.c1, c.c2, gp + lo, nullptr, stream);
+          }
         }
       });
       at::parallel_for(0, R, 4096, [&](int64_t b, int64_t e) {

@@ -335,6 +335,53 @@ JF_INLINE void grad_run(const St<Tag>* s, const St<Tag>* t, int64_t n, double g,
   }
 }
 
+// forward_backward of the squared (MODE 1) and norm (MODE 2) kinds over one chunk of n <=
+// kChunk elements, each element loaded once: chunk_stats' partial (dd or ss, same lanes) and
+// grad_loop's gradient with coefficients (2, 2), g (2s - 2t) (or g 2s), formed as g (d + d)
+// with d = s - t (or s): the same bits, since scaling by 2 commutes with rounding. Not for
+// float64 inputs, where 2s can overflow while d + d does not. NT: gs 64-byte aligned.
+template <class Tag, int W, int MODE, bool NT>
+JF_INLINE void const_chunk(const St<Tag>* s, const St<Tag>* t, int64_t n, double g, St<Tag>* gs, double* out) {
+  using S = St<Tag>;
+  using vd = typename V<W>::d;
+  constexpr int K = kLanes / W;
+  vd a[K] = {};
+  auto block = [&](const S* ps, const S* pt, S* os, auto nt) __attribute__((always_inline)) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      vd dv = load<Tag, W>(ps + k * W);
+      if constexpr (MODE == 1) dv = dv - load<Tag, W>(pt + k * W);
+      a[k] += dv * dv;
+      store<Tag, W, decltype(nt)::value>(os + k * W, g * (dv + dv));
+    }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) block(s + i, t + i, gs + i, std::bool_constant<NT>{});
+  if (i < n) {  // zero-padded last block, as in chunk_stats; never streamed
+    S bs[kLanes] = {}, bt[kLanes] = {}, os[kLanes];
+    std::memcpy(bs, s + i, (n - i) * sizeof(S));
+    if (MODE == 1) std::memcpy(bt, t + i, (n - i) * sizeof(S));
+    block(bs, bt, os, std::false_type{});
+    std::memcpy(gs + i, os, (n - i) * sizeof(S));
+  }
+  out[0] = fold<W>(a);
+  out[1] = out[2] = 0.0;
+}
+
+// t: the teacher chunk (squared) or null (norm, or no teacher); stream: streaming stores,
+// for a 64-byte aligned gs only (the caller's choice).
+template <class Tag, int W>
+JF_INLINE void const_impl(const St<Tag>* s, const St<Tag>* t, int64_t n, double g, St<Tag>* gs, bool stream,
+                          double* part) {
+  static_assert(!same<Tag, double>, "float64: 2s can overflow where d + d does not");
+  if (stream) {
+    t ? const_chunk<Tag, W, 1, true>(s, t, n, g, gs, part) : const_chunk<Tag, W, 2, true>(s, s, n, g, gs, part);
+    _mm_sfence();
+  } else {
+    t ? const_chunk<Tag, W, 1, false>(s, t, n, g, gs, part) : const_chunk<Tag, W, 2, false>(s, s, n, g, gs, part);
+  }
+}
+
 // stream: write the gradient with non-temporal stores (large outputs that would only evict
 // the inputs from the cache). The first elements, up to a 64-byte boundary of the outputs,
 // are stored normally so that every streamed vector is aligned; the values are the same.
@@ -366,6 +413,9 @@ JF_CLONES(grad, grad_impl,
           (const St<Tag>* s, const St<Tag>* t, int64_t n, double g, double c0, double c1, double c2, St<Tag>* gs,
            St<Tag>* gt, bool stream),
           (s, t, n, g, c0, c1, c2, gs, gt, stream))
+JF_CLONES(fused_const, const_impl,
+          (const St<Tag>* s, const St<Tag>* t, int64_t n, double g, St<Tag>* gs, bool stream, double* part),
+          (s, t, n, g, gs, stream, part))
 
 // Test hook: the stores' rounding of float64 values to the bf16 / half grid, as the kernels
 // store them (16-bit encodings, decoded exactly; half below AVX-512: the float grid values

@@ -288,6 +288,20 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def git_revision() -> Optional[str]:
+    """HEAD's short hash, with "+dirty" when tracked files (result files aside) differ from it:
+    a result measured with uncommitted code must not claim a commit's. None outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    try:
+        revision = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
+    except Exception:
+        return None
+    return f"{revision}+dirty" if changed else revision
+
+
 def environment(device: torch.device) -> dict:
     """Where and with what a result was measured: device, versions, git revision, time."""
     try:
@@ -296,11 +310,6 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    try:
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
-    except Exception:
-        revision = None
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -308,6 +317,6 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
-        "git_revision": revision,
+        "git_revision": git_revision(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

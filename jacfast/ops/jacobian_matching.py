@@ -21,17 +21,24 @@ from jacfast import registry
 
 KINDS = {"normalized": 0, "squared": 1, "norm": 2}
 REDUCTION_NONE, REDUCTION_SCALED_SUM = 0, 1
-# Backends whose forward_backward reads each row from memory once, and the dtypes the eager
-# path fuses for: the CPU kernel writes a row's gradient while the row is in cache, the
+# Backends whose forward_backward reads each row from memory once: the CPU kernel writes a
+# row's gradient while the row is in cache (squared and norm: each element from one load), the
 # Triton and CUDA ones from registers for rows short enough (csrc/README.md), running forward
-# then backward for longer rows. The CPU's 16-bit kernels are compute-bound (float64
-# arithmetic and conversions): fused, bf16 and fp16 at 16 x 150528 were 8-11% faster for the
-# normalized kind and 4-5% slower for squared than forward then backward, less than scaling
-# by an incoming gradient other than 1 costs there; on a GPU fusing saves 2 of 5 passes.
+# then backward for longer rows. On a GPU fusing saves 2 of 5 passes for every dtype. The
+# CPU's 16-bit normalized kernels are compute-bound (float64 arithmetic and conversions):
+# fused, bf16 and fp16 at 16 x 150528 were only 8-11% faster than forward then backward, less
+# than scaling by an incoming gradient other than 1 costs; its 16-bit squared and norm ones,
+# one load per element, 1.5-1.8x faster (8192 x 784, 256 x 3072, 16 x 150528).
+FUSED_BACKENDS = frozenset({"cpu", "triton", "cuda"})
 _WIDE = frozenset({torch.float32, torch.float64})
-_ALL = _WIDE | {torch.float16, torch.bfloat16}
-FUSED_DTYPES = {"cpu": _WIDE, "triton": _ALL, "cuda": _ALL}
-FUSED_BACKENDS = frozenset(FUSED_DTYPES)
+
+
+def fuses(backend: str, kind: int, dtype: torch.dtype) -> bool:
+    """Whether the eager path computes the gradient in the forward (``forward_backward``) for
+    this backend, kind code and dtype, when only the student needs one."""
+    if backend == "cpu":
+        return dtype in _WIDE or kind != KINDS["normalized"]
+    return backend in FUSED_BACKENDS
 
 
 def _kernels(backend: str):
@@ -138,8 +145,9 @@ class JacobianMatchingFunction(torch.autograd.Function):
     take at R*D ~ 1e6; this Function calls the kernels directly (~60 us of overhead).
     Compiled graphs, ``opcheck`` and export go through the registered ops instead.
 
-    Fused path (FUSED_DTYPES: every dtype on the GPU backends, float32/float64 on the CPU;
-    only the student needs a gradient: the training case): the forward runs
+    Fused path (:func:`fuses`: every dtype on the GPU backends; on the CPU every dtype of the
+    squared and norm kinds and float32/float64 of the normalized one; only the student needs a
+    gradient: the training case): the forward runs
     ``forward_backward``, one pass that reads each row once and writes its gradient, and keeps
     that gradient. The first backward hands the buffer over, scaled in place by the incoming
     gradient unless that is 1 (on a GPU the check runs on the device, see
@@ -164,8 +172,7 @@ class JacobianMatchingFunction(torch.autograd.Function):
         kernels = _kernels(backend)
         ctx.kind, ctx.reduction, ctx.eps, ctx.scale, ctx.backend = kind, reduction, eps, scale, backend
         need_t = ctx.needs_input_grad[1] and teacher is not None
-        fused = (grad_mode and ctx.needs_input_grad[0] and not need_t
-                 and student.dtype in FUSED_DTYPES.get(backend, ()))
+        fused = grad_mode and ctx.needs_input_grad[0] and not need_t and fuses(backend, kind, student.dtype)
         if fused:
             loss, ctx.gradient = kernels.forward_backward(student, teacher, kind, reduction, eps, scale)
             ctx.save_for_backward(student, teacher)
