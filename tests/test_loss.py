@@ -188,8 +188,9 @@ def test_forward_backward_bits_on_special_values(backend, device, dtype):
                 loss, coef = kernels.forward(s, teacher, kind, reduction, 1e-12, scale)
                 ones = torch.ones((s.shape[0],) if reduction == 0 else (), dtype=dtype, device=device)
                 grad, _ = kernels.backward(ones, s, teacher, coef, reduction, scale, True, False)
+                where = (dim, kind, teacher is None, reduction)
                 for got, want in zip(fused, (loss, grad)):
-                    assert torch.equal(got.reshape(-1).view(bits), want.reshape(-1).view(bits)), (dim, kind, teacher is None, reduction)
+                    assert torch.equal(got.reshape(-1).view(bits), want.reshape(-1).view(bits)), where
 
 
 def assert_forward_backward_bits(kernels, s, t, kind: int, reduction: int) -> None:
