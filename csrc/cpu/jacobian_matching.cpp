@@ -156,18 +156,22 @@ template <class Tag> const St<Tag>* ptr(const at::Tensor* x) {
 int64_t chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
 
 // Whether a gradient of `bytes` is written with streaming stores: from a quarter of the
-// last-level cache up, where with the two inputs it fills the cache and could only evict them
-// (and a normal store first reads every line it writes). Measured on a 32 MiB-L3 EPYC:
-// 16 x 150528 fp32 (9.6 MB out) 10-15% faster streamed; 256 x 3072 (3 MB) slower.
+// last-level cache, at most 8 MiB, up, where with the two inputs it fills the cache share of
+// this process and could only evict them (and a normal store first reads every line it
+// writes). The cap: a VM's L3 is its socket's, shared with other tenants. Measured, fp32
+// forward_backward, streamed vs not: 32 MiB-L3 EPYC, 16 x 150528 (9.6 MB out) 10-15% faster,
+// 256 x 3072 (3 MB) slower; 105 MiB-L3 Xeon with 2 vCPUs, normalized 1.14-1.24x faster from
+// 6.3 MB (512 x 3072) up, squared 1.05-1.23x from 9.6 MB, 0.92-1.0 at 3 MB.
 // JACFAST_CPU_STREAM_BYTES overrides the threshold (0: always; read per call, so tests cover
 // both paths; the values written are the same either way).
 bool stream_output(int64_t bytes) {
-  static const int64_t quarter_llc = [] {
+  static const int64_t threshold = [] {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return l3 > 0 ? (int64_t)l3 / 4 : (int64_t)8 << 20;
+    const int64_t cap = (int64_t)8 << 20;
+    return l3 > 0 ? std::min<int64_t>((int64_t)l3 / 4, cap) : cap;
   }();
   const char* env = std::getenv("JACFAST_CPU_STREAM_BYTES");
-  return bytes >= (env && *env ? std::atoll(env) : quarter_llc);
+  return bytes >= (env && *env ? std::atoll(env) : threshold);
 }
 int64_t grain_for(int64_t item_elems) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, item_elems)); }
 int stats_mode(int64_t kind, bool has_t) { return (kind == 2 || !has_t) ? 2 : (int)kind; }
