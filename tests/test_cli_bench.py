@@ -112,6 +112,26 @@ def test_paired_ratio_interval():
     assert paired_ratio_interval({"a": [1.0] * 5, "b": [1.0] * 5}, "a", "b") == (1.0, 1.0)
 
 
+def test_rotation_exceeds_twice_the_last_level_cache(tmp_path, monkeypatch):
+    """Inputs rotate through at least twice the largest cache sysfs reports (a 105 MiB L3 needs
+    more than the fixed 128 MiB), at least 128 MiB, at most 32 sets."""
+    import torch
+
+    from jacfast.bench import timing
+
+    for index, size in enumerate(("48K", "2048K", "107520K")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert timing.last_level_cache_bytes(str(tmp_path)) == 105 * 2**20
+    assert timing.last_level_cache_bytes(str(tmp_path / "missing")) is None
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 105 * 2**20)
+    assert timing.rotation_count(7 * 2**20, cpu) == 30  # ceil(210 / 7)
+    assert timing.rotation_count(2**20, cpu) == 32 and timing.rotation_count(2**30, cpu) == 1
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: None)
+    assert timing.rotation_count(8 * 2**20, cpu) == 16  # 128 MiB
+
+
 def test_measure_blocks_times_every_provider_in_turns():
     import torch
 

@@ -102,11 +102,13 @@ def _unfused(backend: str, kind: str):
     return loss
 
 
-def _copy_bandwidth(numel: int, dtype, device, sets: int) -> float:
-    """Bytes/s of a plain copy (read + write) over rotating buffers of ``numel`` elements."""
-    srcs = [torch.randn(numel, device=device).to(dtype) for _ in range(sets)]
+def _copy_bandwidth(numel: int, dtype, device, sources: int) -> float:
+    """Bytes/s of a plain copy (read + write) of ``numel`` elements from ``sources`` rotating
+    buffers into one destination (which, like the loss's gradient buffer, a caching
+    allocator hands out again and again)."""
+    srcs = [torch.randn(numel, device=device).to(dtype) for _ in range(sources)]
     dst = torch.empty(numel, device=device, dtype=dtype)
-    timing = measure(lambda i: dst.copy_(srcs[i % sets]), device)
+    timing = measure(lambda i: dst.copy_(srcs[i % sources]), device)
     return 2 * numel * dst.element_size() / timing.median
 
 
@@ -127,7 +129,8 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                 pairs = [(torch.randn(rows, 1, dim, device=device).to(dtype),
                           None if kind == "norm" else torch.randn(rows, 1, dim, device=device).to(dtype))
                          for _ in range(sets)]
-                copy_bw = _copy_bandwidth(rows * dim, dtype, device, sets)
+                # as many source bytes as the inputs rotate through: the copy reads from memory too
+                copy_bw = _copy_bandwidth(rows * dim, dtype, device, 2 * sets)
                 errors = _errors(funcs, pairs[0], kind)
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -243,10 +244,30 @@ def peak_bytes(fn: Callable[[object], object], arg: object, device: torch.device
     return peak
 
 
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> Optional[int]:
+    """Size of the largest cache of CPU 0 (Linux sysfs ``index*/size``, e.g. "32768K"), or None
+    where unknown. On a VM this is the host socket's L3, shared with other tenants."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in glob.glob(os.path.join(root, "index*", "size")):
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes) if sizes else None
+
+
 def rotation_count(bytes_per_set: int, device: torch.device) -> int:
-    """How many input sets to rotate through so that together they exceed the caches."""
-    cache = 256 * 2**20 if device.type == "cuda" else 128 * 2**20  # > H100 L2 (50 MB), > CPU L3 here (32 MB)
-    return max(1, min(16, -(-cache // max(1, bytes_per_set))))
+    """How many input sets to rotate through so that together they exceed the caches: 256 MiB
+    on a GPU (H100 / H200 L2: 50-60 MB), on a CPU twice its last-level cache and at least
+    128 MiB (a fixed 128 MiB was less than twice the 105 MiB L3 of a Xeon this ran on)."""
+    if device.type == "cuda":
+        cache = 256 * 2**20
+    else:
+        cache = max(128 * 2**20, 2 * (last_level_cache_bytes() or 0))
+    return max(1, min(32, -(-cache // max(1, bytes_per_set))))
 
 
 SYSTEM_ALLOCATOR = "system default (untuned)"
