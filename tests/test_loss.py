@@ -118,14 +118,15 @@ def test_student_only_gradient(backend, device, dtype, kind):
 def test_cpu_streaming_stores_write_the_same_values(monkeypatch, dtype, kind):
     """Large gradients are written with streaming stores (csrc/README.md); forced on for small
     ones, they give the same bits as normal stores and match the oracle. Rows of odd length
-    start at unaligned addresses (the aligning head); 2 long rows take the split-row path."""
+    start at unaligned addresses (the aligning head); rows of 784 16-bit elements at addresses
+    that are 32 but not 64 bytes aligned every other row; 2 long rows take the split-row path."""
     from jacfast import registry
 
     status = registry._status_for("cpu", "cpu")
     if not status.available:
         pytest.skip(status.reason)
     grad_out = torch.full((), 0.75, dtype=dtype)
-    for shape in ((7, 3, 1001), (2, 1, 3 * 4096 + 5)):
+    for shape in ((7, 3, 1001), (4, 2, 784), (2, 1, 3 * 4096 + 5)):
         student, teacher = make_pair(shape, dtype, "cpu", kind)
         results = {}
         for stream in ("0", str(2**62)):

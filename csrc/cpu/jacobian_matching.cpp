@@ -290,8 +290,9 @@ std::tuple<at::Tensor, at::Tensor> forward_backward(const at::Tensor& s, const c
         for (int64_t i = b; i < e; ++i) {
           const int64_t r = i / nc, ch = i % nc, lo = r * D + ch * kChunk, n = std::min(kChunk, D - ch * kChunk);
           const St<Tag>* tc = tp ? tp + lo : nullptr;
-          // one load per element (K.fused_const); streaming needs an aligned chunk
-          if (K.fused_const && (!stream || reinterpret_cast<uintptr_t>(gp + lo) % 64 == 0)) {
+          // one load per element (K.fused_const); streaming needs an aligned chunk (16-bit rows
+          // of 784 elements: every other one is 32, not 64, bytes aligned, which is enough)
+          if (K.fused_const && (!stream || reinterpret_cast<uintptr_t>(gp + lo) % kStreamAlign<Tag> == 0)) {
             K.fused_const(sp + lo, tc, n, g, gp + lo, stream, part.data() + 3 * i);
           } else {
             K.stats(sp + r * D, tp ? tp + r * D : nullptr, D, ch, ch + 1, mode, part.data() + 3 * r * nc);

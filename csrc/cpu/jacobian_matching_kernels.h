@@ -339,7 +339,7 @@ JF_INLINE void grad_run(const St<Tag>* s, const St<Tag>* t, int64_t n, double g,
 // kChunk elements, each element loaded once: chunk_stats' partial (dd or ss, same lanes) and
 // grad_loop's gradient with coefficients (2, 2), g (2s - 2t) (or g 2s), formed as g (d + d)
 // with d = s - t (or s): the same bits, since scaling by 2 commutes with rounding. Not for
-// float64 inputs, where 2s can overflow while d + d does not. NT: gs 64-byte aligned.
+// float64 inputs, where 2s can overflow while d + d does not. NT: gs aligned to kStreamAlign.
 template <class Tag, int W, int MODE, bool NT>
 JF_INLINE void const_chunk(const St<Tag>* s, const St<Tag>* t, int64_t n, double g, St<Tag>* gs, double* out) {
   using S = St<Tag>;
@@ -368,8 +368,12 @@ JF_INLINE void const_chunk(const St<Tag>* s, const St<Tag>* t, int64_t n, double
   out[1] = out[2] = 0.0;
 }
 
+// Alignment of a chunk's gs that makes every vector store of const_chunk aligned to its own
+// size (W elements, at most 64 bytes), as a streaming store needs: blocks are kLanes elements.
+template <class Tag> constexpr uintptr_t kStreamAlign = std::min<uintptr_t>(64, kLanes * sizeof(St<Tag>));
+
 // t: the teacher chunk (squared) or null (norm, or no teacher); stream: streaming stores,
-// for a 64-byte aligned gs only (the caller's choice).
+// for a gs aligned to kStreamAlign<Tag> only (the caller's choice).
 template <class Tag, int W>
 JF_INLINE void const_impl(const St<Tag>* s, const St<Tag>* t, int64_t n, double g, St<Tag>* gs, bool stream,
                           double* part) {
