@@ -6,7 +6,8 @@ fwd reads s and t (2 passes of R * D * itemsize); bwd, recomputing from the inpu
 and t and writes grad_s (3); fwd+bwd reads s and t once and writes grad_s (3: what a fused
 implementation moves when the incoming gradient is 1, as here; a forward kernel plus a
 backward kernel move 5). The floor is that traffic at the bandwidth of a plain copy measured
-in the same run; GB/s is that traffic over the time.
+in the same run, in turns with the providers (one timing before them let a load spike during
+the copy alone move a row's "x floor" by 2x or more); GB/s is that traffic over the time.
 
 Providers are timed in blocks of back-to-back calls that take turns, five rounds, each block
 after one untimed call (:func:`jacfast.bench.timing.measure_blocks`): load that drifts over
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from jacfast import loss as jloss
 from jacfast import reference, registry
 from jacfast.ops import jacobian_matching as ops
-from jacfast.bench.timing import TimeBudget, measure, measure_blocks, peak_bytes, rotation_count
+from jacfast.bench.timing import TimeBudget, measure_blocks, peak_bytes, rotation_count
 
 SIZES = {
     "quick": [(256, 3072), (16, 3 * 224 * 224)],
@@ -102,14 +103,16 @@ def _unfused(backend: str, kind: str):
     return loss
 
 
-def _copy_bandwidth(numel: int, dtype, device, sources: int) -> float:
-    """Bytes/s of a plain copy (read + write) of ``numel`` elements from ``sources`` rotating
-    buffers into one destination (which, like the loss's gradient buffer, a caching
-    allocator hands out again and again)."""
+COPY = "copy"  # the floor's reference, timed in turns with the providers (not one of them)
+
+
+def _copy_call(numel: int, dtype, device, sources: int):
+    """(call, bytes per call) of a plain copy (read + write) of ``numel`` elements from
+    ``sources`` rotating buffers into one destination (which, like the loss's gradient
+    buffer, a caching allocator hands out again and again)."""
     srcs = [torch.randn(numel, device=device).to(dtype) for _ in range(sources)]
     dst = torch.empty(numel, device=device, dtype=dtype)
-    timing = measure(lambda i: dst.copy_(srcs[i % sources]), device)
-    return 2 * numel * dst.element_size() / timing.median
+    return (lambda i: dst.copy_(srcs[i % sources])), 2 * numel * dst.element_size()
 
 
 def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("normalized",), dtypes=("float32",),
@@ -130,15 +133,17 @@ def run(sizes: Iterable[tuple[int, int]], device: torch.device, *, kinds=("norma
                           None if kind == "norm" else torch.randn(rows, 1, dim, device=device).to(dtype))
                          for _ in range(sets)]
                 # as many source bytes as the inputs rotate through: the copy reads from memory too
-                copy_bw = _copy_bandwidth(rows * dim, dtype, device, 2 * sets)
+                copy, copy_bytes = _copy_call(rows * dim, dtype, device, 2 * sets)
                 errors = _errors(funcs, pairs[0], kind)
                 for mode in modes:
                     moved = PASSES[mode][kind == "norm"] * rows * dim * itemsize
                     calls = {name: _calls(fn, pairs, mode) for name, fn in funcs.items()
                              if mode == "fwd+bwd" or not name.endswith("-unfused")}  # fwd, bwd: the same kernels
-                    timings = measure_blocks({n: c for n, (c, _) in calls.items()}, device,
+                    # the copy takes its turns with the providers, so load drift reaches the floor too
+                    timings = measure_blocks({**{n: c for n, (c, _) in calls.items()}, COPY: copy}, device,
                                              setups={n: s for n, (_, s) in calls.items() if s},
                                              **BLOCK_TIMING[device.type])
+                    copy_bw = copy_bytes / timings.pop(COPY).median
                     peaks = {n: peak_bytes(c, s(0) if s else 0, device) for n, (c, s) in calls.items()}
                     others = [t.median for n, t in timings.items() if not n.startswith("jacfast-")]
                     for name, timing in timings.items():
