@@ -184,7 +184,7 @@ def _kernel_path(backend: str, rows: int, dim: int, dtype: torch.dtype, kind: st
 
 
 def _calls(fn, pairs, mode):
-    """(call, setup or None) timing ``mode`` of the loss function ``fn`` (see timing.measure).
+    """(call, setup or None) timing ``mode`` of the loss function ``fn`` (see timing.measure_blocks).
 
     bwd times the backward of a fresh forward, run untimed just before it.
     """

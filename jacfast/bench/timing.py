@@ -37,26 +37,6 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def measure(fn: Callable[[int], object], device: torch.device, *, min_time: float = 0.5, min_repeats: int = 10,
-            max_repeats: int = 1000, warmup: int = 3, setup: Optional[Callable[[int], object]] = None) -> Timing:
-    """Time ``fn(i)`` for i = 0, 1, 2, ...; ``fn`` picks its inputs from a rotation by ``i``.
-
-    With ``setup``, ``fn(setup(i))`` is timed instead and ``setup(i)`` runs untimed before it
-    (e.g. the forward whose backward is timed). Each call is timed on its own (CUDA events
-    on a GPU), so the median is robust to the occasional stall; calls repeat until both
-    ``min_repeats`` and ``min_time`` (timed seconds) are reached.
-    """
-    prepare = setup or (lambda i: i)
-    for i in range(warmup):
-        fn(prepare(i))
-    samples: list[float] = []
-    i = warmup
-    while len(samples) < max_repeats and (len(samples) < min_repeats or sum(samples) < min_time):
-        samples.append(_time_call(fn, prepare(i), device))
-        i += 1
-    return _summary(samples)
-
-
 def _time_call(fn: Callable, arg, device: torch.device) -> float:
     """Seconds of one call ``fn(arg)``: CUDA events on a GPU, ``perf_counter`` on a CPU."""
     if device.type == "cuda":
@@ -80,7 +60,12 @@ def _summary(samples: list[float]) -> Timing:
 def measure_blocks(fns: dict[str, Callable], device: torch.device, *, rounds: int = 5, min_time: float = 0.5,
                    min_repeats: int = 10, max_repeats: int = 1000, warmup: int = 3,
                    setups: Optional[dict[str, Callable]] = None) -> dict[str, Timing]:
-    """Several providers, each as in :func:`measure`, timed in blocks that take turns.
+    """Several providers timed in blocks that take turns.
+
+    Provider ``name`` is ``fns[name](i)`` for i = 0, 1, 2, ...: it picks its inputs from a
+    rotation by ``i``. With ``setups[name]``, ``fns[name](setups[name](i))`` is timed and the
+    setup runs untimed just before (e.g. the forward whose backward is timed). Each call is
+    timed on its own (CUDA events on a GPU), so a median is robust to the occasional stall.
 
     In each of ``rounds`` rounds every provider (in an order rotated each round) runs one
     untimed call, then a block of timed calls: its share (1 / rounds) of ``min_repeats`` and
@@ -119,13 +104,12 @@ def measure_blocks(fns: dict[str, Callable], device: torch.device, *, rounds: in
 def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_time: float = 0.5,
                         min_repeats: int = 10, max_repeats: int = 1000, warmup: int = 3,
                         raw: Optional[dict] = None, setups: Optional[dict[str, Callable]] = None) -> dict[str, Timing]:
-    """Like :func:`jacfast.bench.timing.measure`, for several providers timed round-robin:
+    """Like :func:`measure_blocks` (the same ``fns`` and ``setups``), but round-robin:
     call i of every provider runs before call i + 1 of any, in an order rotated each round.
     Stops once each provider has ``min_repeats`` calls and ``min_time`` seconds per provider
     have passed. On a loaded machine this keeps ratios honest; back-to-back blocks would
     charge one provider for a load spike the others missed. ``raw``, if given, receives each
-    provider's seconds per round, in round order (for :func:`paired_ratio`). ``setups[name]``,
-    if given, works as ``setup`` of :func:`measure` for that provider (untimed, just before).
+    provider's seconds per round, in round order (for :func:`paired_ratio`).
     Caveat: on this project's VM a call that follows another provider's pays a constant
     wake-up of ~0.4 ms (OpenMP workers, seen at 256 x 3072), so the loss head uses :func:`measure_blocks`."""
     names = list(fns)
