@@ -75,6 +75,8 @@ def _public_reimplementation(student, teacher, kind):
 def providers(device: torch.device, kind: str) -> dict:
     """name -> loss function (student, teacher) for every provider that runs on ``device``."""
     found = {}
+    # The fourth backend, "torch", runs jacfast/reference.py through autograd: it is the
+    # "eager" provider below, so it is not timed twice.
     for name in ("cuda", "triton", "cpu"):
         status = registry._status_for(name, device.type)
         interpreted = name == "triton" and device.type == "cpu"  # the interpreter is for tests, not timing
