@@ -57,6 +57,12 @@ def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
     path.write_text(json.dumps(data))
     section = report.performance_section(str(tmp_path))
     assert data["environment"]["device"] in section and "| normalized | float32 | 8 | 50 | cpu |" in section
+    fwd, bwd = ({(r["kind"], r["rows"], r["dim"]): r["median_ms"] for r in data["rows"]
+                 if r["provider"] == "jacfast-cpu" and r["dtype"] == "float32" and r["mode"] == m}
+                for m in ("fwd", "bwd"))
+    (line,) = [x for x in section.splitlines()  # the fwd-alone and bwd-alone table's row
+               if x.startswith(f"| normalized | 2 | 1000 | cpu | {fwd['normalized', 2, 1000]:.3f} |")]
+    assert line.split(" | ")[7] == f"{bwd['normalized', 2, 1000]:.3f}"
     pytest.importorskip("matplotlib")
     assert report.plot(str(tmp_path))
 

@@ -75,6 +75,27 @@ def loss_head_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def loss_head_parts_table(result: dict, dtype: str = "float32") -> str:
+    """fwd alone and bwd alone of each jacfast backend, per kind and size, in ``dtype``."""
+    cells = {}
+    for r in result["rows"]:
+        if r["mode"] in ("fwd", "bwd") and r["dtype"] == dtype and r["provider"].startswith("jacfast-") \
+                and not r["provider"].endswith("-unfused"):
+            cells[(r["kind"], r["rows"], r["dim"], r["provider"][8:], r["mode"])] = r
+    lines = ["| kind | R | D | backend | fwd ms | fwd x eager | fwd x torch.compile | bwd ms | bwd x eager "
+             "| bwd x torch.compile |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, rows, dim, backend, mode in cells:
+        if mode != "fwd":
+            continue
+        row = f"| {kind} | {rows} | {dim} | {backend} |"
+        for part in ("fwd", "bwd"):
+            r = cells.get((kind, rows, dim, backend, part))
+            row += (f" {r['median_ms']:.3f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compile']:.2f} |" if r
+                    else " | | |")
+        lines.append(row)
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 # R * D from which the GPU bandwidth target applies.
 GPU_BANDWIDTH_MIN_ELEMENTS = 10**7
 
@@ -163,6 +184,13 @@ def performance_section(folder: str) -> str:
                   "student and teacher once and writing the gradient, at the copy bandwidth of the same run; GB/s "
                   "counts that traffic; peak memory above the inputs.", "",
                   loss_head_targets(result), "", loss_head_table(result), ""]
+        parts_table = loss_head_parts_table(result)
+        if parts_table:
+            parts += ["fwd alone (the loss under `torch.no_grad`, as in evaluation) and bwd alone (`autograd.grad` "
+                      "of a forward made just before, untimed), float32. Where the forward fuses (the student "
+                      "needs a gradient: training), it has formed the gradient already and the backward only "
+                      "hands it over, so bwd alone is not a cost a training step pays: fwd+bwd above is.", "",
+                      parts_table, ""]
     for name, part in (("selection", _selection_part), ("training_step", _training_step_part)):
         for device, result in sorted(others[name].items(), key=lambda kv: kv[1]["environment"]["device_type"]):
             parts += part(device, result, folder)
