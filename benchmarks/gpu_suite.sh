@@ -12,7 +12,7 @@
 # the training step last, its targets are the CPU's), then the other tests.
 # Uses the machine's own python3 (torch, triton, pytest preinstalled); no network.
 # Afterwards, here: copy the JSON files into benchmarks/results/ and suite.log to
-# benchmarks/results/gpu_suite-<device>-<date>.log, then run benchmarks/report.py and plot.py.
+# benchmarks/results/gpu_suite-<device>-<date>.log, then run benchmarks/report.py (it writes the plots too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

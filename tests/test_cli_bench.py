@@ -64,7 +64,9 @@ def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
                if x.startswith(f"| normalized | 2 | 1000 | cpu | {fwd['normalized', 2, 1000]:.3f} |")]
     assert line.split(" | ")[7] == f"{bwd['normalized', 2, 1000]:.3f}"
     pytest.importorskip("matplotlib")
-    assert report.plot(str(tmp_path))
+    written = {os.path.basename(p) for p in report.plot(str(tmp_path))}
+    linked = {part.split("(")[-1].rstrip(")") for part in section.split() if part.endswith(".png)")}
+    assert linked and {os.path.basename(p) for p in linked} <= written  # the README's plot links resolve
 
 
 def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
