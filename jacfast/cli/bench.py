@@ -71,7 +71,7 @@ class ResultFile:
 
     def __init__(self, out: str, benchmark: str, suite: str, env: dict, *, every: float = 5.0):
         os.makedirs(out, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:64]
         self.path = os.path.join(out, f"{benchmark}-{suite}-{slug}-{env['timestamp'].replace(':', '')}.json")
         self.head = {"benchmark": benchmark, "suite": suite, "environment": env}
         self.rows: list[dict] = []
