@@ -209,7 +209,8 @@ def update_readme(readme: str, folder: str) -> None:
         text = handle.read()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to fill")
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: performance_section(folder, os.path.dirname(os.path.abspath(readme))), text, flags=re.S)
+    section = performance_section(folder, os.path.dirname(os.path.abspath(readme)))  # links relative to the README
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
     with open(readme + ".tmp", "w") as handle:
         handle.write(new)
     os.replace(readme + ".tmp", readme)

@@ -290,9 +290,9 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    # The last-level cache tells apart VMs that report the same model name (two "Intel(R)
-    # Xeon(R) Processor" hosts of this project: 105 and 480 MiB L3, 12-24 and 45 GB/s copies);
-    # the largest cache of CPU 0, per last_level_cache_bytes.
+    # The last-level cache (the largest of CPU 0) tells apart VMs that report the same model
+    # name: two "Intel(R) Xeon(R) Processor" hosts of this project, 105 and 480 MiB L3, copies
+    # at 12-24 and 39-46 GB/s.
     cache = last_level_cache_bytes()
     cache_text = f", {cache / 2**20:.0f} MiB LLC" if cache and cache >= 2**20 else ""
     return f"{model} ({torch.get_num_threads()} threads{cache_text})"
