@@ -264,20 +264,21 @@ def plot(folder: str, out_dir: str | None = None) -> list[str]:
     return written
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name form of ``text``: lower case, runs of other characters as one "-"."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _speedup_plot_name(device: str, kind: str, dtype: str) -> str:
-    return f"loss_head-{_slug(f'{device}-{kind}-{dtype}')}.png"
+    return f"loss_head-{slug(f'{device}-{kind}-{dtype}')}.png"
 
 
 def _memory_plot_name(device: str) -> str:
-    return f"loss_head-memory-{_slug(device)}.png"
+    return f"loss_head-memory-{slug(device)}.png"
 
 
 def _training_memory_plot_name(device: str) -> str:  # of the device's newest run, either allocator
-    return f"training_step-memory-{_slug(device)}.png"
+    return f"training_step-memory-{slug(device)}.png"
 
 
 def _link(folder: str, name: str, link_root: str) -> str:

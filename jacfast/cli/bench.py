@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Optional
 
 import torch
 
 from jacfast.bench import loss_head, selection, training_step
+from jacfast.bench.report import slug
 from jacfast.bench.timing import SYSTEM_ALLOCATOR, TimeBudget, environment, keep_freed_memory
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
@@ -71,8 +71,8 @@ class ResultFile:
 
     def __init__(self, out: str, benchmark: str, suite: str, env: dict, *, every: float = 5.0):
         os.makedirs(out, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:64]
-        self.path = os.path.join(out, f"{benchmark}-{suite}-{slug}-{env['timestamp'].replace(':', '')}.json")
+        device = slug(env["device"])[:64]
+        self.path = os.path.join(out, f"{benchmark}-{suite}-{device}-{env['timestamp'].replace(':', '')}.json")
         self.head = {"benchmark": benchmark, "suite": suite, "environment": env}
         self.rows: list[dict] = []
         self.every, self._written = every, time.monotonic()
