@@ -208,7 +208,13 @@ def test_autocast_bf16_loss_close_to_float64(estimator):
     assert pen.dtype == torch.float32 and abs(pen.item() / pen_ref.item() - 1) < 3e-2
 
 
-def test_compiled_student_with_every_estimator():
+def test_compiled_student_with_every_estimator(monkeypatch):
+    from torch._functorch import config
+
+    # Donated buffers on (torch's default): after another compiled model ran in this process
+    # (tests/test_jacobians_models.py first), the finite-difference rows failed with "compiled
+    # with non-empty donated buffers ... retain_graph=False" under a scoped config.patch.
+    monkeypatch.setattr(config, "donated_buffer", True)
     teacher = cnn(8, seed=0)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     for est in ("finite_difference", "noise"):
@@ -224,6 +230,7 @@ def test_compiled_student_with_every_estimator():
         gb = torch.autograd.grad(b.total, list(compiled.parameters()))
         for p, q in zip(ga, gb):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+    assert config.donated_buffer is False
     with pytest.raises(ValueError, match="estimator='finite_difference'"):
         DistillationLoss(teacher, strategy="loop")(torch.compile(cnn(4), backend="aot_eager"), x, y)
 
