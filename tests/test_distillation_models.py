@@ -208,13 +208,18 @@ def test_autocast_bf16_loss_close_to_float64(estimator):
     assert pen.dtype == torch.float32 and abs(pen.item() / pen_ref.item() - 1) < 3e-2
 
 
-def test_compiled_student_with_every_estimator(monkeypatch):
+def test_compiled_student_with_every_estimator():
     from torch._functorch import config
 
     # Donated buffers on (torch's default): after another compiled model ran in this process
     # (tests/test_jacobians_models.py first), the finite-difference rows failed with "compiled
     # with non-empty donated buffers ... retain_graph=False" under a scoped config.patch.
-    monkeypatch.setattr(config, "donated_buffer", True)
+    # (config.patch restores the flag afterwards; monkeypatch would delete the config entry.)
+    with config.patch(donated_buffer=True):
+        _compiled_student_with_every_estimator(config)
+
+
+def _compiled_student_with_every_estimator(config):
     teacher = cnn(8, seed=0)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     for est in ("finite_difference", "noise"):
