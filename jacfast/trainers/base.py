@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from jacfast.trainers.batches import batch_len, correct_fraction, make_batch_fn, to_device
+from jacfast.trainers.batches import batch_len, correct_fraction, make_batch_fn, to_device, wide
 from jacfast.trainers.checkpointing import METRICS_NAME, Checkpointing, CheckpointMismatchError
 from jacfast.trainers.evaluation import Evaluation
 from jacfast.trainers.distributed import dist_info, init_distributed
@@ -330,7 +330,7 @@ class Trainer(Checkpointing, Evaluation):
                 with self.autocast():
                     loss, comps, logits = self.compute_loss(x, y)
                 # weighted so the accumulated (and DDP-averaged) gradient is the global-batch mean
-                self.scaler.scale(loss.float() * weight).backward()
+                self.scaler.scale(wide(loss) * weight).backward()
             finite = finite and bool(torch.isfinite(loss.detach()))
             for k, v in comps.items():
                 out[k] = out.get(k, 0.0) + float(v.detach()) * b

@@ -148,6 +148,11 @@ def model_logits(model: Callable, inputs, outputs=None) -> Tensor:
     return pick_output(call_model(model, inputs), outputs)
 
 
+def wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (16-bit losses are summed in fp32; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy of logits (B, C) with y (B,), or (B, L, C) with y (B, L) over the
     positions whose target is not -100 (their mean, so 0/0 = NaN if every target is ignored)."""

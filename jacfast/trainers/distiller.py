@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from jacfast.trainers.base import Trainer
-from jacfast.trainers.batches import OnDevice, cross_entropy, model_logits
+from jacfast.trainers.batches import OnDevice, cross_entropy, model_logits, wide
 
 
 def split_components(out) -> tuple[Tensor, dict, Optional[Tensor]]:
@@ -117,13 +117,13 @@ class SupervisedTrainer(Trainer):
             comps["jacobian"] = pen.detach()
         else:
             logits = model_logits(self.net, x, self.outputs)
-        ce = cross_entropy(logits.float(), y)
-        total = ce + (self.jacobian_weight * pen.float() if self.jacobian_weight > 0 else 0.0)
+        ce = cross_entropy(wide(logits), y)
+        total = ce + (self.jacobian_weight * wide(pen) if self.jacobian_weight > 0 else 0.0)
         comps["ce"] = ce.detach()
         if self.penalty is not None and self.penalty_weight:
             extra = self.penalty(self.scaled(self.net), x, y)
             comps["penalty"] = extra.detach()
-            total = total + self.penalty_weight * extra.float()
+            total = total + self.penalty_weight * wide(extra)
         return total, comps, logits
 
 

@@ -172,6 +172,7 @@ class DatasetSource:
         loader = DataLoader(_SeededItems(self.dataset, self.seed),
                             batch_sampler=_StreamBatches(ahead, self.rank, self.world),
                             num_workers=self.num_workers, collate_fn=_KeyedCollate(self.collate_fn),
+                            generator=torch.Generator().manual_seed(self.seed),  # not the training RNG
                             **self.loader_kwargs)
         self._it = iter(loader)
 
@@ -302,7 +303,8 @@ def make_source(train_data, *, batch_size: Optional[int], seed: int, rank: int, 
         return TensorSource(x, y, min(batch_size or 64, x.shape[0]), seed, rank, world)
     if isinstance(train_data, IterableDataset):
         raise TypeError("train_data: an IterableDataset has no indices to draw: wrap it in a DataLoader")
-    if isinstance(train_data, Dataset) or (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
+    if isinstance(train_data, Dataset) or (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")
+                                           and not isinstance(train_data, (str, bytes, Tensor))):
         n = len(train_data)
         return DatasetSource(train_data, min(batch_size or 64, max(n, 1)), seed, rank, world, num_workers=num_workers,
                              collate_fn=collate_fn, loader_kwargs=loader_kwargs)

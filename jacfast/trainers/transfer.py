@@ -12,7 +12,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from jacfast.trainers.base import Trainer
-from jacfast.trainers.batches import cross_entropy, model_logits
+from jacfast.trainers.batches import cross_entropy, model_logits, wide
 from jacfast.trainers.distiller import describe, networks_in, split_components, weights_hash
 
 
@@ -53,7 +53,7 @@ class TransferTrainer(Trainer):
     def compute_loss(self, x, y: Tensor):
         if self.loss is None:
             logits = model_logits(self.net, x, self.outputs)
-            ce = cross_entropy(logits.float(), y)
+            ce = cross_entropy(wide(logits), y)
             return ce, {"ce": ce.detach()}, logits
         # No GradScaled here: the attention-map Jacobians are seeded inside the networks, not at
         # their outputs, so an output-side scale would not cancel. fp16 runs them unscaled.
