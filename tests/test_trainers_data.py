@@ -325,6 +325,45 @@ def test_distiller_passes_dict_inputs_to_the_loss():
     assert seen == [["attention_mask", "inputs_embeds"]] * 2
 
 
+def test_distiller_with_distillation_loss_on_a_dict_model_float64():
+    """The trainer's step gradient == the loss called by hand on the same batch (sequence
+    outputs, inputs_embeds differentiated, an integer attention mask passed through)."""
+    from jacfast.losses import DistillationLoss
+
+    torch.manual_seed(0)
+    ds, teacher, m0 = TokenData(), TokenTagger().double(), TokenTagger().double()
+    student = TokenTagger().double()
+    student.load_state_dict(m0.state_dict())
+    loss = DistillationLoss(teacher, beta=1.0, outputs="logits", inputs="inputs_embeds")
+    got = []
+    tr = Distiller(teacher, student, loss, ds, batch_size=4, epochs=1, steps_per_epoch=2, batch_fn="labels",
+                   optimizer="sgd", lr=0.1, progress=False, step_callback=record_grads(got), eval_data=ds)
+    rec = tr.fit()[-1]
+    assert tr.outputs == "logits" and rec["jacobian"] > 0 and 0 <= rec["test_acc"] <= 1
+    idx = BatchStream(len(ds), 4, seed=0).next()
+    x = {"inputs_embeds": ds.emb[idx], "attention_mask": ds.mask[idx]}
+    ref = torch.autograd.grad(loss(m0, x, ds.labels[idx]).total, list(m0.parameters()))
+    for r, g in zip(ref, got[0]):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-15)
+
+
+def test_supervised_jacobian_penalty_on_a_dict_model_float64():
+    from jacfast.losses import jacobian_penalty
+
+    torch.manual_seed(0)
+    ds, m0, model = TokenData(), TokenTagger().double(), TokenTagger().double()
+    model.load_state_dict(m0.state_dict())
+    got = []
+    trainer(ds, model, batch_size=4, steps_per_epoch=1, batch_fn="labels", outputs="logits", inputs="inputs_embeds",
+            jacobian_weight=0.3, num_projections=None, step_callback=record_grads(got)).fit()
+    idx = BatchStream(len(ds), 4, seed=0).next()
+    x = {"inputs_embeds": ds.emb[idx], "attention_mask": ds.mask[idx]}
+    pen = jacobian_penalty(m0, x, num_projections=None, outputs="logits", inputs="inputs_embeds")
+    ce = F.cross_entropy(m0(**x)["logits"].flatten(0, 1), ds.labels[idx].flatten())
+    for r, g in zip(torch.autograd.grad(ce + 0.3 * pen, list(m0.parameters())), got[0]):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-15)
+
+
 # ---- teacher on another device ---------------------------------------------------------------
 class FakeDevice(OnDevice):
     """Stands in for a second device on a CPU-only machine: "moving" to it makes float64 copies

@@ -4,7 +4,8 @@
   ``(x, y)``. A str key (``batch_fn="labels"``) splits a dict batch into the other entries
   (the model's keyword inputs) and that entry (the targets). A callable is used as given.
 - inputs may be a Tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
-  (``model(**x)``); targets a Tensor, None (losses without labels) or any nesting of tensors.
+  (``model(**x)``), as ``jacfast.model_io.ModelCall`` calls them; targets a Tensor, None
+  (losses without labels) or any nesting of tensors.
 - :class:`OnDevice`: a network kept on its own device (a teacher on another GPU): inputs go
   to its device, outputs come back to the device the inputs came from, both through autograd
   (so input Jacobians of the wrapped network are taken with respect to the caller's tensors).
@@ -112,40 +113,12 @@ def call_model(model: Callable, inputs) -> Any:
     return model(inputs)
 
 
-def pick_output(out, outputs: Union[None, str, int, Callable] = None) -> Tensor:
-    """The logits in a model's return value (``outputs=`` as in ``jacfast.model_io.ModelCall``):
-    None -> the value itself; str -> key or attribute; int -> index; callable -> ``outputs(out)``."""
-    if outputs is None:
-        got = out
-    elif callable(outputs):
-        got = outputs(out)
-    elif isinstance(outputs, str):
-        if isinstance(out, Mapping) and outputs in out:
-            got = out[outputs]
-        elif hasattr(out, outputs):
-            got = getattr(out, outputs)
-        else:
-            have = sorted(out) if isinstance(out, Mapping) else type(out).__name__
-            raise ValueError(f"outputs={outputs!r}: the model's output has no such key or attribute ({have})")
-    elif isinstance(outputs, int) and not isinstance(outputs, bool):
-        if not isinstance(out, (tuple, list)) or not -len(out) <= outputs < len(out):
-            n = len(out) if isinstance(out, (tuple, list)) else None
-            raise ValueError(f"outputs={outputs}: the model returned a {type(out).__name__}"
-                             + (f" of length {n}" if n is not None else ""))
-        got = out[outputs]
-    else:
-        raise TypeError(f"outputs must be None, a str, an int or a callable, got {type(outputs).__name__}")
-    if not isinstance(got, Tensor):
-        hint = ("outputs='logits'" if isinstance(out, Mapping) or hasattr(out, "logits") else
-                "outputs=0" if isinstance(out, (tuple, list)) else "outputs=<callable>")
-        raise TypeError(f"the model returned a {type(out).__name__}, not a Tensor of logits: pick them "
-                        f"with {hint}")
-    return got
-
-
 def model_logits(model: Callable, inputs, outputs=None) -> Tensor:
-    """The logits ``(B, C)`` or ``(B, L, C)`` of ``model`` on ``inputs``."""
-    return pick_output(call_model(model, inputs), outputs)
+    """The logits ``(B, C)`` or ``(B, L, C)`` of ``model`` on ``inputs``, picked from what it
+    returns by ``outputs=`` as :class:`jacfast.model_io.ModelCall` does (same errors)."""
+    from jacfast.model_io import ModelCall
+
+    return ModelCall(model, outputs=outputs).logits(call_model(model, inputs))
 
 
 def wide(t: Tensor) -> Tensor:
