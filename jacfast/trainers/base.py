@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from jacfast.trainers.batches import batch_len, correct_fraction, make_batch_fn, to_device, wide
+from jacfast.trainers.batches import batch_len, hits, make_batch_fn, to_device, wide
 from jacfast.trainers.checkpointing import METRICS_NAME, Checkpointing, CheckpointMismatchError
 from jacfast.trainers.evaluation import Evaluation
 from jacfast.trainers.distributed import dist_info, init_distributed
@@ -335,9 +335,9 @@ class Trainer(Checkpointing, Evaluation):
             for k, v in comps.items():
                 out[k] = out.get(k, 0.0) + float(v.detach()) * b
             out["loss"] = out.get("loss", 0.0) + float(loss.detach()) * b
-            acc = correct_fraction(logits, y) if logits is not None else None
-            if acc is not None:
-                out["train_acc"] = out.get("train_acc", 0.0) + acc * b
+            h = hits(logits, y) if logits is not None else None
+            if h is not None and h[1]:  # per sample; a sequence's positions share its weight
+                out["train_acc"] = out.get("train_acc", 0.0) + h[0] * b / h[1]
             out["n"] += b
         params = [p for m in (self.model, *self.extra_modules) for p in m.parameters()]
         if self.ddp:  # DDP syncs the model; extra modules are averaged here, as DDP would

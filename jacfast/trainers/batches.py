@@ -146,12 +146,6 @@ def hits(logits: Tensor, y) -> Optional[tuple[int, int]]:
     return int(((logits.detach().argmax(-1) == y) & keep).sum()), int(keep.sum())
 
 
-def correct_fraction(logits: Tensor, y) -> Optional[float]:
-    """:func:`hits` as a fraction; None if nothing is counted (or the shapes do not fit)."""
-    h = hits(logits, y)
-    return h[0] / h[1] if h is not None and h[1] else None
-
-
 class OnDevice(nn.Module):
     """``net`` run on ``device``: inputs moved there, outputs moved back to the inputs' device.
 
