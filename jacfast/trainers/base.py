@@ -1,17 +1,30 @@
-"""Shared training loop: checkpoint/resume, mixed precision, DDP, metrics, signal handling.
+"""Shared training loop: data sources, accumulation, clipping, checkpoint/resume, mixed precision, DDP.
 
 A subclass implements :meth:`Trainer.compute_loss` ``(x, y) -> (loss, components, logits)``;
-``x`` is this process's share of the global batch, (b, *input_dims), and ``loss`` a scalar
+``x`` is this process's share of one micro-batch (a Tensor (b, *input_dims), or the tuple /
+dict of model inputs that ``batch_fn`` made), ``y`` its targets, and ``loss`` a scalar
 averaged over it. Everything else lives here:
 
-- data order: an endless stream of seeded permutations (:class:`BatchStream`); an epoch is
-  ``steps_per_epoch`` global batches (default: one pass over the data).
-- checkpoints: ``<out_dir>/checkpoint.pt``, written to a temp file then ``os.replace``d, so a
-  crash mid-write never corrupts the last one. They hold model, optimizer, scheduler,
-  GradScaler, step counters, the metrics history and every RNG (torch, numpy, python, the
-  data-order generator), which makes a killed run resumed from its last checkpoint end with
-  bit-identical weights on CPU. ``config`` (hyperparameters, model spec, data fingerprint,
-  parameter shapes) is stored too, and a checkpoint whose config differs is refused.
+- data (:mod:`jacfast.trainers.sources`): ``(x, y)`` tensors, any map-style ``Dataset``
+  (read by a DataLoader with ``num_workers``, ``collate_fn``; order and augmentation seeded
+  per item) or a user's ``DataLoader``. An epoch is ``steps_per_epoch`` optimizer steps
+  (default: one pass over the data). ``batch_fn`` splits a batch into (model inputs, targets).
+- accumulation: ``accumulate=n`` micro-batches per optimizer step; micro-batch i's loss is
+  weighted by b_i / sum(b) (1/n when they are equal), so for losses that are means over
+  samples the step's gradient is that of the one big batch (BatchNorm statistics and
+  token-mean losses are per micro-batch, so those differ). Under DDP only the last
+  micro-batch's backward syncs.
+- clipping: ``clip_grad_norm=c`` rescales the (unscaled, DDP-averaged) gradient of the
+  model and extra modules to total L2 norm <= c before the step; the norm before clipping is
+  logged as ``grad_norm``.
+- checkpoints (:mod:`jacfast.trainers.checkpointing`): ``<out_dir>/checkpoint.pt``, written to
+  a temp file then ``os.replace``d. They hold model, optimizer, scheduler, GradScaler, step
+  counters, the metrics history, the data source's position and every RNG, which makes a
+  killed run resumed from its last checkpoint end with bit-identical weights on CPU (tensors
+  and Datasets; a user's DataLoader: see :class:`~jacfast.trainers.sources.LoaderSource`).
+  ``config`` is stored too; a checkpoint whose config differs is refused, except ``epochs``
+  and ``steps_per_epoch``: a finished run resumed with more epochs trains on (the default
+  cosine schedule is then stretched to the new total; a given scheduler is kept as is).
 - SIGINT / SIGTERM: the current step finishes, a checkpoint is written and
   :class:`TrainingInterrupted` is raised (the CLI turns it into a clean exit).
 - mixed precision: ``amp="bf16"`` autocasts; ``amp="fp16"`` adds a GradScaler. The backward
@@ -21,9 +34,10 @@ averaged over it. Everything else lives here:
   and differences are taken in fp32, and a non-finite Jacobian term makes the scaler skip
   the step and lower the scale (both scales shrink together).
 - DDP: under ``torchrun`` (WORLD_SIZE > 1) the student is wrapped in DistributedDataParallel
-  (gloo on CPU, nccl on GPU). Each process takes a slice of the same global batch, computes
-  its input-gradient terms locally with ``autograd.grad`` and calls one normal ``backward``;
-  the local loss is weighted by ``world * b_local / B`` so DDP's gradient average equals the
+  (gloo on CPU, nccl on GPU). Each process takes a slice of the same global batch (tensors,
+  Datasets; a user's DataLoader brings its own DistributedSampler), computes its
+  input-gradient terms locally with ``autograd.grad`` and calls normal ``backward``s; the
+  local loss is weighted by ``world * b_local / B`` so DDP's gradient average equals the
   1-process gradient of the global batch even when the slices are uneven.
 """
 from __future__ import annotations
@@ -35,21 +49,23 @@ import random
 import signal
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
-from typing import Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from jacfast.trainers.batches import batch_len, hits, make_batch_fn, to_device, wide
+from jacfast.trainers.checkpointing import METRICS_NAME, Checkpointing, CheckpointMismatchError
+from jacfast.trainers.evaluation import Evaluation
 from jacfast.trainers.distributed import dist_info, init_distributed
 from jacfast.trainers.grad_scaling import GradScaled, unwrap
-from jacfast.trainers.state import BatchStream, atomic_save, config_hash, restore_rng_state, rng_state
+from jacfast.trainers.sources import LoaderSource, TensorSource, default_steps_per_epoch, make_source
 
-CKPT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 AMP_MODES = ("none", "bf16", "fp16")
+__all__ = ["AMP_MODES", "CheckpointMismatchError", "Trainer", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(Exception):
@@ -61,49 +77,83 @@ class TrainingInterrupted(Exception):
         super().__init__(f"training interrupted by {name}; checkpoint saved to {checkpoint} (rerun to resume)")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint belongs to a different model or training configuration."""
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _name_of(fn) -> Optional[str]:
+    """How a batch_fn / outputs choice is recorded in the checkpoint config."""
+    if fn is None or isinstance(fn, (str, int)):
+        return fn
+    return getattr(fn, "__qualname__", type(fn).__name__)
 
 
 # --------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------
-class Trainer:
+class Trainer(Checkpointing, Evaluation):
     """Base trainer. Subclasses implement ``compute_loss(x, y) -> (loss, components, logits)``.
 
     Args:
         model: the network being trained (the student).
-        train_data: (x, y): x (N, *input_dims) float, y (N,) int64.
+        train_data: ``(x, y)`` tensors (x (N, *input_dims) float, y (N,) int64 or (N, L) for
+            sequence targets), a map-style ``torch.utils.data.Dataset`` or a ``DataLoader``
+            (see :mod:`jacfast.trainers.sources` for what a resume guarantees with each).
         optimizer: "adam" (default: Adam(lr, weight_decay), robust for these BatchNorm-free
             networks), "sgd" (SGD(lr, momentum 0.9, Nesterov, weight_decay)) or an optimizer.
         lr: learning rate of the named optimizers (default 1e-3 for Adam, 0.05 for SGD).
         scheduler: a torch LR scheduler stepped once per optimizer step; default cosine to 0.
-        batch_size: the GLOBAL batch size (split across DDP processes).
-        epochs, steps_per_epoch: an epoch is ``steps_per_epoch`` steps (default ceil(N / batch)).
-        eval_data: (x, y) evaluated after every epoch (clean and at ``eval_sigmas``).
+        batch_size: the GLOBAL micro-batch size (split across DDP processes); default 64.
+            With a DataLoader leave it unset (the loader's own is used).
+        accumulate: micro-batches per optimizer step (gradient accumulation), default 1.
+        clip_grad_norm: max total L2 norm of the gradients (None: no clipping).
+        epochs, steps_per_epoch: an epoch is ``steps_per_epoch`` optimizer steps (default one
+            pass: ceil(N / (batch * accumulate)), or len(loader) // accumulate).
+        batch_fn: batch -> (model inputs, targets); None: ``(x, y)`` pairs; a str: the key of
+            the targets in a dict batch (the other entries are the model's keyword inputs).
+        outputs, inputs: how the trainer's own calls of the model (evaluation, the supervised
+            forward) pick the logits / the differentiated input, as in ``jacfast.model_io``.
+        num_workers, collate_fn, loader_kwargs: the DataLoader that reads a Dataset.
+        eval_data: ``(x, y)``, a Dataset or a DataLoader evaluated after every epoch (clean;
+            tensors also at ``eval_sigmas``).
         out_dir: checkpoints and ``metrics.jsonl`` go here (None: no files).
         checkpoint_every: also checkpoint every this many steps (0: only at epoch ends).
         amp: "none" | "bf16" | "fp16".
         seed: seeds torch/numpy/python RNGs (plus the rank) and the data order.
         config: extra hyperparameters recorded in (and checked against) checkpoints.
         progress: show a tqdm bar (rank 0 only).
-        step_callback: ``f(trainer)`` called after every step (tests, tooling).
+        step_callback: ``f(trainer)`` called after every step (tests, tooling); the step's
+            gradients are still in ``p.grad`` then.
         extra_modules: modules trained along with the model (e.g. a TransferLoss's adapters):
             in the default optimizer and the checkpoints; gradients averaged by hand under DDP.
     """
 
-    def __init__(self, model: nn.Module, train_data: tuple[Tensor, Tensor], *, optimizer="adam", scheduler=None,
-                 lr: Optional[float] = None, weight_decay: float = 0.0, batch_size: int = 64, epochs: int = 1,
-                 steps_per_epoch: Optional[int] = None, eval_data: Optional[tuple[Tensor, Tensor]] = None,
+    def __init__(self, model: nn.Module, train_data, *, optimizer="adam", scheduler=None,
+                 lr: Optional[float] = None, weight_decay: float = 0.0, batch_size: Optional[int] = None,
+                 epochs: int = 1, steps_per_epoch: Optional[int] = None, eval_data=None,
                  eval_sigmas: Sequence[float] = (), out_dir: Optional[str] = None, checkpoint_every: int = 0,
                  amp: str = "none", device: str | torch.device = "cpu", seed: int = 0,
                  config: Optional[dict] = None, progress: bool = True, step_callback=None,
-                 extra_modules: Sequence[nn.Module] = ()):
+                 extra_modules: Sequence[nn.Module] = (), accumulate: int = 1,
+                 clip_grad_norm: Optional[float] = None, batch_fn: Union[None, str, Callable] = None,
+                 outputs=None, inputs=None, num_workers: int = 0, collate_fn: Optional[Callable] = None,
+                 loader_kwargs: Optional[dict] = None):
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
-        x, y = train_data
-        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise ValueError(f"train_data: x has {x.shape[0]} rows and y {y.shape[0]}; need the same, > 0")
+        if batch_size is not None:
+            _positive_int("batch_size", batch_size)
+        self.accumulate = _positive_int("accumulate", accumulate)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        if steps_per_epoch is not None:
+            _positive_int("steps_per_epoch", steps_per_epoch)
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not float(clip_grad_norm) > 0):
+            raise ValueError(f"clip_grad_norm must be > 0 (or None), got {clip_grad_norm!r}")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.batch_fn = make_batch_fn(batch_fn)
+        self.outputs, self.inputs = outputs, inputs
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
@@ -111,11 +161,14 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.ddp = init_distributed(self.device)
         self.rank, self.world = dist_info()
+        self.source = make_source(train_data, batch_size=batch_size, seed=int(seed), rank=self.rank,
+                                  world=self.world, num_workers=num_workers, collate_fn=collate_fn,
+                                  loader_kwargs=loader_kwargs)
+        self.num_workers, self.collate_fn = num_workers, collate_fn
         self.model = model.to(self.device)
-        self.x, self.y = x, y
-        self.batch_size = min(int(batch_size), x.shape[0])
+        self.batch_size = self.source.batch_size
         self.epochs = int(epochs)
-        self.steps_per_epoch = int(steps_per_epoch or math.ceil(x.shape[0] / self.batch_size))
+        self.steps_per_epoch = int(steps_per_epoch or default_steps_per_epoch(self.source, self.accumulate))
         self.eval_data, self.eval_sigmas = eval_data, tuple(float(s) for s in eval_sigmas)
         self.out_dir, self.checkpoint_every = out_dir, int(checkpoint_every)
         self.amp, self.seed, self.progress = amp, int(seed), progress
@@ -132,39 +185,64 @@ class Trainer:
             self.optimizer = optimizer
         else:
             raise ValueError(f"optimizer must be 'adam', 'sgd' or a torch.optim.Optimizer, got {optimizer!r}")
-        total = self.epochs * self.steps_per_epoch
-        self.scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
+        self._default_schedule = None
+        if scheduler is None:
+            total = self.epochs * self.steps_per_epoch
+            self._default_schedule = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._default_schedule)
+        self.scheduler = scheduler
         # Double backward through fp16 networks overflows at much smaller scales than plain
         # backward: start low and let the scaler grow (it backs off on overflow anyway).
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, growth_interval=200,
                                            enabled=(amp == "fp16"))
         self._local_batch = 1
-        self.stream = BatchStream(x.shape[0], self.batch_size, seed)
+        self.stream = getattr(self.source, "stream", None)  # the index stream (tensors, Datasets)
         self.step, self.epoch, self.step_in_epoch, self.history = 0, 0, 0, []
         self.skipped_steps = 0
         self._epoch_sums: dict = {}  # this epoch's metric sums so far
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp else self.model
-        from jacfast.data import fingerprint  # local import: data.py needs nothing from here
 
         self.config = {
             "trainer": type(self).__name__, "model": getattr(model, "spec", type(model).__name__),
             "params": [[k, list(v.shape)] for k, v in model.state_dict().items()],
-            "data": fingerprint(x, y), "batch_size": self.batch_size, "epochs": self.epochs,
+            "data": self._describe_data(), "batch_size": self.batch_size, "epochs": self.epochs,
             "steps_per_epoch": self.steps_per_epoch, "amp": amp, "seed": self.seed, "world": self.world,
             "optimizer": type(self.optimizer).__name__, "lr": lr, "weight_decay": weight_decay,
             "extra": [[k, list(v.shape)] for m in extra_modules for k, v in m.state_dict().items()],
-            **(config or {}),
         }
+        # Recorded only when set, so checkpoints written before these existed still resume.
+        for key, value, default in (("accumulate", self.accumulate, 1), ("clip_grad_norm", self.clip_grad_norm, None),
+                                    ("batch_fn", _name_of(batch_fn), None), ("outputs", _name_of(outputs), None),
+                                    ("inputs", inputs, None)):
+            if value != default:
+                self.config[key] = value
+        self.config.update(config or {})
         self._stop_signal: Optional[int] = None
         self._wrappers: dict = {}
-        self.batch_indices: Optional[Tensor] = None  # this process's rows of train_data in the current step
+        self.batch_indices: Optional[Tensor] = None  # this process's sample indices in the current micro-batch
         self._seed_everything()
+
+    def _describe_data(self):
+        src = self.source
+        if isinstance(src, TensorSource):
+            from jacfast.data import fingerprint  # local import: data.py needs nothing from here
+
+            return fingerprint(src.x, src.y)
+        if isinstance(src, LoaderSource):
+            ld = src.loader
+            n = len(ld.dataset) if hasattr(ld.dataset, "__len__") else None
+            return {"loader": type(ld.dataset).__name__, "n": n, "drop_last": ld.drop_last,
+                    "sampler": type(ld.batch_sampler.sampler if ld.batch_sampler is not None else ld.sampler).__name__}
+        return {"dataset": type(src.dataset).__name__, "n": len(src)}
 
     # ---- to implement ------------------------------------------------------------------------
     def compute_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict, Optional[Tensor]]:
         """x: (b, *input_dims), y: (b,) -> (scalar loss, {name: float tensor}, logits (b, C) or None)."""
         raise NotImplementedError
+
+    def model_io(self) -> dict:
+        """``outputs=``/``inputs=`` for jacfast's functions, when set (the defaults need neither)."""
+        return {k: v for k, v in (("outputs", self.outputs), ("inputs", self.inputs)) if v is not None}
 
     # ---- amp ----------------------------------------------------------------------------------
     def autocast(self):
@@ -198,159 +276,90 @@ class Trainer:
         w.scale, w.training = self.input_grad_scale(), net.training
         return w
 
-    # ---- rng / checkpoints --------------------------------------------------------------------
+    # ---- rng ---------------------------------------------------------------------------------
     def _seed_everything(self) -> None:
         s = self.seed * 1000 + self.rank
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
 
-    @property
-    def checkpoint_path(self) -> Optional[str]:
-        return os.path.join(self.out_dir, CKPT_NAME) if self.out_dir else None
-
-    def state_dict(self) -> dict:
-        return {
-            "format": 1, "config": self.config, "config_hash": config_hash(self.config),
-            "model": unwrap(self.model).state_dict(), "extra": [m.state_dict() for m in self.extra_modules],
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "skipped_steps": self.skipped_steps, "history": self.history, "epoch_sums": dict(self._epoch_sums), "stream": self.stream.state_dict(),
-            "rng": self._gather_rng(),
-        }
-
-    def _gather_rng(self) -> list:
-        state = rng_state()
-        if not self.ddp:
-            return [state]
-        out = [None] * self.world
-        dist.all_gather_object(out, state)
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.check_compatible(state)
-        unwrap(self.model).load_state_dict(state["model"])
-        for m, sd in zip(self.extra_modules, state["extra"]):
-            m.load_state_dict(sd)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.skipped_steps, self.history = state["skipped_steps"], list(state["history"])
-        self._epoch_sums = dict(state["epoch_sums"])
-        self.stream.load_state_dict(state["stream"])
-        restore_rng_state(state["rng"][self.rank])
-
-    def check_compatible(self, state: dict) -> None:
-        """Raise CheckpointMismatchError unless ``state`` was written with this exact config."""
-        theirs = state.get("config")
-        if not isinstance(theirs, dict):
-            raise CheckpointMismatchError("not a jacfast trainer checkpoint (no 'config' entry)")
-        ours = json.loads(json.dumps(self.config, default=str))
-        theirs = json.loads(json.dumps(theirs, default=str))
-        if ours != theirs:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            detail = "; ".join(f"{k}: checkpoint={str(theirs.get(k))[:80]} vs now={str(ours.get(k))[:80]}" for k in diff)
-            raise CheckpointMismatchError(
-                f"refusing to resume from a checkpoint of a different model/config ({detail}). "
-                "Use another --out directory, delete the checkpoint, or pass the original settings.")
-
-    def save_checkpoint(self) -> Optional[str]:
-        """Write ``<out_dir>/checkpoint.pt`` atomically (rank 0). Collective under DDP."""
-        if not self.out_dir:
-            return None
-        state = self.state_dict()
-        if self.rank == 0:
-            os.makedirs(self.out_dir, exist_ok=True)
-            atomic_save(state, self.checkpoint_path)
-        return self.checkpoint_path
-
-    def try_resume(self) -> bool:
-        """Load ``<out_dir>/checkpoint.pt`` if it exists. Returns whether it resumed."""
-        path = self.checkpoint_path
-        if not path or not os.path.exists(path):
-            return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-        if self.rank == 0:  # the metrics file is rebuilt from the checkpoint: lines after it are dropped
-            self._write_metrics_file()
-        return True
-
-    def _write_metrics_file(self) -> None:
-        path = os.path.join(self.out_dir, METRICS_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in self.history)
-        os.replace(tmp, path)
-
-    # ---- signals --------------------------------------------------------------------------------
-    @contextmanager
-    def _signals(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, _frame):
-            self._stop_signal = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    def _should_stop(self) -> int:
-        flag = self._stop_signal or 0
-        if self.ddp:  # every process must stop at the same step (collectives below)
-            t = torch.tensor([flag], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        return flag
-
     # ---- the loop -------------------------------------------------------------------------------
     def local_slice(self, idx: Tensor) -> Tensor:
         """This process's share of a global batch of indices (contiguous, as even as possible)."""
         return idx.tensor_split(self.world)[self.rank] if self.ddp else idx
 
-    def train_step(self, idx: Tensor) -> dict:
-        """One optimizer step on global batch ``idx``. Returns summed (not averaged) metrics."""
+    def next_micro_batches(self) -> list:
+        """The next ``accumulate`` micro-batches: ``(indices or None, inputs, targets, global size or None)``."""
+        out = []
+        for _ in range(self.accumulate):
+            idx, batch, size = self.source.next()
+            x, y = self.batch_fn(batch)
+            out.append((idx, x, y, size))
+        return out
+
+    def _weights(self, micro: list) -> list:
+        """Per micro-batch loss weights: world * b_local / (global samples in the step)."""
+        local = [batch_len(x) for _, x, _, _ in micro]
+        if all(size is not None for *_, size in micro):
+            total = sum(size for *_, size in micro)
+        else:  # a user's DataLoader: the global count is only known by summing over processes
+            total = sum(local)
+            if self.ddp:
+                t = torch.tensor([total], dtype=torch.int64)
+                dist.all_reduce(t)
+                total = int(t.item())
+        return [self.world * b / total for b in local]
+
+    def train_step(self, micro: list) -> dict:
+        """One optimizer step on ``micro`` (from :meth:`next_micro_batches`). Returns summed
+        (not averaged) metrics."""
         self.model.train()
         for m in self.extra_modules:
             m.train()
-        local = self.batch_indices = self.local_slice(idx)
-        self._local_batch = len(local)
-        x = self.x[local].to(self.device, non_blocking=True)
-        y = self.y[local].to(self.device, non_blocking=True)
+        weights = self._weights(micro)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss, comps, logits = self.compute_loss(x, y)
-        # DDP averages gradients over processes; weight so that equals the global-batch mean.
-        weight = self.world * len(local) / len(idx)
-        self.scaler.scale(loss.float() * weight).backward()
+        out, finite = {"n": 0}, True
+        for i, ((idx, x, y, _), weight) in enumerate(zip(micro, weights)):
+            self.batch_indices = idx
+            b = self._local_batch = batch_len(x)
+            x = to_device(x, self.device, non_blocking=True)
+            y = to_device(y, self.device, non_blocking=True)
+            last = i == len(micro) - 1
+            # DDP averages gradients over processes in the last backward; the earlier ones only add up.
+            with (self.net.no_sync() if self.ddp and not last else nullcontext()):
+                with self.autocast():
+                    loss, comps, logits = self.compute_loss(x, y)
+                # weighted so the accumulated (and DDP-averaged) gradient is the global-batch mean
+                self.scaler.scale(wide(loss) * weight).backward()
+            finite = finite and bool(torch.isfinite(loss.detach()))
+            for k, v in comps.items():
+                out[k] = out.get(k, 0.0) + float(v.detach()) * b
+            out["loss"] = out.get("loss", 0.0) + float(loss.detach()) * b
+            h = hits(logits, y) if logits is not None else None
+            if h is not None and h[1]:  # per sample; a sequence's positions share its weight
+                out["train_acc"] = out.get("train_acc", 0.0) + h[0] * b / h[1]
+            out["n"] += b
+        params = [p for m in (self.model, *self.extra_modules) for p in m.parameters()]
         if self.ddp:  # DDP syncs the model; extra modules are averaged here, as DDP would
             for p in (p for m in self.extra_modules for p in m.parameters()):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.clip_grad_norm)
+            out["grad_norm"] = float(norm) * out["n"]
         scale_before = self.loss_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        skipped = self.scaler.is_enabled() and (self.loss_scale() < scale_before or not torch.isfinite(loss))
+        skipped = self.scaler.is_enabled() and (self.loss_scale() < scale_before or not finite)
         self.skipped_steps += int(skipped)
         with warnings.catch_warnings():  # a step the scaler skipped still advances the schedule
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         if skipped:  # an overflowed step changes nothing; keep its non-finite values out of the averages
             return {"n": 0}
-        out = {k: float(v.detach()) * len(local) for k, v in comps.items()}
-        out["loss"] = float(loss.detach()) * len(local)
-        if logits is not None:
-            out["train_acc"] = float((logits.detach().argmax(1) == y).sum())
-        out["n"] = len(local)
         return out
 
     def fit(self, resume: bool = True) -> list[dict]:
@@ -363,40 +372,49 @@ class Trainer:
             self._write_metrics_file()  # start a fresh metrics file
         from tqdm.auto import tqdm
 
-        with self._signals():
-            while self.epoch < self.epochs:
-                sums = self._epoch_sums  # partial sums survive a resume mid-epoch (in the checkpoint)
-                t0 = time.time()
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
-                           desc=f"{type(self).__name__} epoch {self.epoch + 1}/{self.epochs}",
-                           disable=not (self.progress and self.rank == 0))
-                while self.step_in_epoch < self.steps_per_epoch:
-                    m = self.train_step(self.stream.next())
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    bar.update(1)
-                    if m["n"]:
-                        bar.set_postfix(loss=f"{m['loss'] / m['n']:.4f}")
-                    if self.step_callback is not None:
-                        self.step_callback(self)
-                    stop = self._should_stop()
-                    last = self.step_in_epoch == self.steps_per_epoch
-                    if stop:
-                        if last:
-                            self._end_epoch(sums, t0)
-                        path = self.save_checkpoint()
-                        bar.close()
-                        raise TrainingInterrupted(stop, path)
-                    if last:
-                        self._end_epoch(sums, t0)
-                        self.save_checkpoint()
-                        break
-                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                        self.save_checkpoint()
-                bar.close()
+        try:
+            with self._signals():
+                if self.epoch < self.epochs and 0 < self.steps_per_epoch <= self.step_in_epoch:
+                    # resumed with a shorter steps_per_epoch than the checkpoint's epoch had run
+                    self._end_epoch(self._epoch_sums, time.time())
+                    self.save_checkpoint()
+                while self.epoch < self.epochs:
+                    self._run_epoch(tqdm)
+        finally:
+            self.source.close()  # DataLoader workers shut down
         return self.history
+
+    def _run_epoch(self, tqdm) -> None:
+        sums = self._epoch_sums  # partial sums survive a resume mid-epoch (in the checkpoint)
+        t0 = time.time()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
+                   desc=f"{type(self).__name__} epoch {self.epoch + 1}/{self.epochs}",
+                   disable=not (self.progress and self.rank == 0))
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                m = self.train_step(self.next_micro_batches())
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                self.step += 1
+                self.step_in_epoch += 1
+                bar.update(1)
+                if m["n"]:
+                    bar.set_postfix(loss=f"{m['loss'] / m['n']:.4f}")
+                if self.step_callback is not None:
+                    self.step_callback(self)
+                stop = self._should_stop()
+                last = self.step_in_epoch == self.steps_per_epoch
+                if last:
+                    self._end_epoch(sums, t0)
+                if stop:
+                    raise TrainingInterrupted(stop, self.save_checkpoint())
+                if last:
+                    self.save_checkpoint()
+                    return  # _end_epoch reset step_in_epoch for the next epoch
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
 
     def _end_epoch(self, sums: dict, t0: float) -> None:
         """Average the epoch's metrics over all processes, evaluate, log one JSON line."""
@@ -412,7 +430,7 @@ class Trainer:
         if self.scaler.is_enabled():
             rec["grad_scale"] = self.loss_scale()
         if self.eval_data is not None:
-            for s, acc in self.evaluate(*self.eval_data, sigmas=(0.0, *self.eval_sigmas)).items():
+            for s, acc in self._evaluate_eval_data().items():
                 rec["test_acc" if s == 0 else f"test_acc_sigma{s:g}"] = acc
         self.history.append(rec)
         self._epoch_sums = {}
@@ -421,29 +439,3 @@ class Trainer:
         if self.out_dir and self.rank == 0:
             with open(os.path.join(self.out_dir, METRICS_NAME), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-
-    @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, sigmas: Sequence[float] = (0.0,), batch_size: int = 1000,
-                 seed: int = 1234) -> dict[float, float]:
-        """Accuracy on (x (N, ...), y (N,)) clean (sigma 0) and under Gaussian input noise N(0, sigma^2).
-
-        The noise comes from its own generator (``seed``), so every model sees the same noise and
-        training RNG state is untouched. Inputs are not clipped after adding noise.
-        """
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        out = {}
-        for sigma in sigmas:
-            g = torch.Generator().manual_seed(seed)
-            correct = 0
-            for i in range(0, x.shape[0], batch_size):
-                xb = x[i:i + batch_size]
-                if sigma > 0:
-                    xb = xb + sigma * torch.randn(xb.shape, generator=g, dtype=xb.dtype)
-                with self.autocast():
-                    pred = model(xb.to(self.device)).argmax(1).cpu()
-                correct += int((pred == y[i:i + batch_size]).sum())
-            out[float(sigma)] = correct / max(x.shape[0], 1)
-        model.train(was_training)
-        return out

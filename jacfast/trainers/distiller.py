@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacfast.trainers.base import Trainer
+from jacfast.trainers.batches import OnDevice, cross_entropy, model_logits, wide
 
 
 def split_components(out) -> tuple[Tensor, dict, Optional[Tensor]]:
@@ -84,8 +84,10 @@ class SupervisedTrainer(Trainer):
     """Cross-entropy training of one network, with optional regularizers.
 
     Args:
-        model: (B, *input_dims) -> (B, C).
-        train_data: (x (N, *input_dims), y (N,)).
+        model: (B, *input_dims) -> (B, C), or (B, L, C) for sequence targets (B, L) (CE over
+            the positions whose target is not -100); ``outputs=``/``inputs=`` pick the logits
+            and the differentiated input of other models.
+        train_data: (x (N, *input_dims), y (N,)) tensors, a Dataset or a DataLoader.
         jacobian_weight: weight of ``jacfast.jacobian_penalty`` (the Jacobian-norm penalty,
             an estimate of mean_b ||d model(x_b)/d x_b||_F^2); 0 turns it off.
         num_projections: random projections of that penalty (None: all outputs, exact).
@@ -105,23 +107,23 @@ class SupervisedTrainer(Trainer):
         self.jacobian_weight, self.num_projections, self.estimator = float(jacobian_weight), num_projections, estimator
         self.penalty, self.penalty_weight = penalty, float(penalty_weight)
 
-    def compute_loss(self, x: Tensor, y: Tensor):
+    def compute_loss(self, x, y: Tensor):
         comps = {}
         if self.jacobian_weight > 0:
             from jacfast.losses import jacobian_penalty
 
             pen, logits = jacobian_penalty(self.scaled(self.net), x, num_projections=self.num_projections,
-                                           estimator=self.estimator, return_logits=True)
+                                           estimator=self.estimator, return_logits=True, **self.model_io())
             comps["jacobian"] = pen.detach()
         else:
-            logits = self.net(x)
-        ce = F.cross_entropy(logits.float(), y)
-        total = ce + (self.jacobian_weight * pen.float() if self.jacobian_weight > 0 else 0.0)
+            logits = model_logits(self.net, x, self.outputs)
+        ce = cross_entropy(wide(logits), y)
+        total = ce + (self.jacobian_weight * wide(pen) if self.jacobian_weight > 0 else 0.0)
         comps["ce"] = ce.detach()
         if self.penalty is not None and self.penalty_weight:
             extra = self.penalty(self.scaled(self.net), x, y)
             comps["penalty"] = extra.detach()
-            total = total + self.penalty_weight * extra.float()
+            total = total + self.penalty_weight * wide(extra)
         return total, comps, logits
 
 
@@ -133,29 +135,45 @@ class Distiller(Trainer):
         student: the network trained, same input and output shapes.
         loss: e.g. ``DistillationLoss(teacher, beta=..., kind=..., estimator=...)``, called as
             ``loss(student, x, y, teacher_outputs=...)`` (the loss's own ``teacher`` is used, and
-            swapped for a GradScaled wrapper under fp16).
-        train_data: (x, y); y feeds the loss's cross-entropy term.
+            swapped for a GradScaled wrapper under fp16). ``x`` is what ``batch_fn`` made of a
+            batch (a Tensor, or a tuple / dict of inputs the loss's ``inputs=`` picks from).
+        train_data: (x, y) tensors, a Dataset or a DataLoader; y feeds the loss's CE term.
         teacher_cache: optional ``cache[indices] -> TeacherOutputs`` over ``train_data`` rows
             (``jacfast.TeacherCache``): the teacher's logits and rows computed once, not per step.
-        **kwargs: see :class:`~jacfast.trainers.base.Trainer`.
+            Needs sample indices: tensors or a Dataset, not a DataLoader.
+        teacher_device: where the teacher runs (default: the student's ``device``). On another
+            device the loss sees it wrapped in :class:`~jacfast.trainers.batches.OnDevice`:
+            inputs go to the teacher's device, outputs come back to the student's.
+        **kwargs: see :class:`~jacfast.trainers.base.Trainer`; ``outputs``/``inputs`` default
+            to the loss's (used by evaluation).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: Callable, train_data, *,
-                 teacher_cache=None, **kwargs):
+                 teacher_cache=None, teacher_device=None, **kwargs):
         config = dict(kwargs.pop("config", None) or {})
         config.setdefault("teacher", getattr(teacher, "spec", type(teacher).__name__))
         config.setdefault("teacher_weights", weights_hash(teacher))
         config.setdefault("loss", describe(loss))
+        for name in ("outputs", "inputs"):
+            if kwargs.get(name) is None and getattr(loss, name, None) is not None:
+                kwargs[name] = getattr(loss, name)
         super().__init__(student, train_data, config=config, **kwargs)
-        self.teacher = teacher.to(self.device).eval()
+        if teacher_cache is not None and self.stream is None:
+            raise ValueError("teacher_cache needs sample indices: pass train_data as (x, y) tensors or a Dataset, "
+                             "not a DataLoader")
+        self.teacher_device = self.device if teacher_device is None else torch.device(teacher_device)
+        self.teacher = teacher.to(self.teacher_device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        # The loss calls the teacher on the student's tensors: on another device, through a mover.
+        self._teacher_net = self.teacher if self.teacher_device == self.device else OnDevice(self.teacher,
+                                                                                             self.teacher_device)
         self.loss, self.teacher_cache = loss, teacher_cache
 
-    def compute_loss(self, x: Tensor, y: Tensor):
+    def compute_loss(self, x, y):
         kw = {}
         if self.teacher_cache is not None:
             t = self.teacher_cache[self.batch_indices]
             kw["teacher_outputs"] = type(t)(*(v.to(self.device) if isinstance(v, Tensor) else v for v in t))
-        with networks_in(self.loss, teacher=self.scaled(self.teacher)):
+        with networks_in(self.loss, teacher=self.scaled(self._teacher_net)):
             return split_components(self.loss(self.scaled(self.net), x, y, **kw))

@@ -21,7 +21,7 @@ class _ScaleGrad(torch.autograd.Function):
 class GradScaled(nn.Module):
     """Wraps a network so input gradients are computed in a scaled domain (fp16 underflow guard).
 
-    ``forward(x)`` returns ``net(x)`` unchanged; a backward seed at the output is multiplied by
+    ``forward(*args, **kwargs)`` returns ``net(...)`` unchanged; a backward seed at an output is multiplied by
     ``scale`` before it runs through the (fp16) network and divided by it again, in the input's
     dtype (fp32), when it reaches ``x``. The input gradient is therefore the true one, in fp32.
     Parameter gradients are unaffected: the ``scale`` and ``1/scale`` factors cancel on the path
@@ -32,11 +32,17 @@ class GradScaled(nn.Module):
         super().__init__()
         self.net, self.scale = net, float(scale)
 
-    def forward(self, x: Tensor, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         if self.scale == 1.0:
-            return self.net(x, *args, **kwargs)
-        out = self.net(_ScaleGrad.apply(x, 1.0 / self.scale), *args, **kwargs)
-        return _ScaleGrad.apply(out, self.scale)
+            return self.net(*args, **kwargs)
+        from jacfast.trainers.batches import map_tensors
+
+        # Inputs that take a gradient (the differentiated one, wherever it sits in a tuple or
+        # dict of inputs) and every floating output are scaled; masks and ids pass untouched.
+        down = (lambda t: _ScaleGrad.apply(t, 1.0 / self.scale)
+                if t.requires_grad and t.is_floating_point() else t)
+        up = lambda t: _ScaleGrad.apply(t, self.scale) if t.is_floating_point() else t
+        return map_tensors(self.net(*map_tensors(args, down), **map_tensors(kwargs, down)), up)
 
     def __getattr__(self, name: str):
         try:

@@ -26,9 +26,10 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
+def rng_state(cuda: bool = True) -> dict:
+    """The torch (CPU, and CUDA when initialized and ``cuda``), numpy and python RNG states."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -46,14 +47,14 @@ class BatchStream:
 
     ``next()`` returns a (batch,) int64 index tensor; batches may straddle two permutations.
     Its state (the generator state before the current permutation + the position in it) is
-    enough to reproduce the remaining stream exactly.
+    enough to reproduce the remaining stream exactly. ``count`` is the number of batches drawn.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size = n, min(batch_size, n)
         self.gen = torch.Generator().manual_seed(int(seed))
         self.perm: Optional[Tensor] = None
-        self.pos, self._state_at_perm = 0, None
+        self.pos, self._state_at_perm, self.count = 0, None, 0
 
     def _new_perm(self) -> None:
         self._state_at_perm = self.gen.get_state()
@@ -67,12 +68,15 @@ class BatchStream:
             take = min(need, self.n - self.pos)
             parts.append(self.perm[self.pos:self.pos + take])
             self.pos, need = self.pos + take, need - take
+        self.count += 1
         return torch.cat(parts)
 
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "state_at_perm": self._state_at_perm, "pos": self.pos}
+        return {"gen": self.gen.get_state(), "state_at_perm": self._state_at_perm, "pos": self.pos,
+                "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
+        self.count = state.get("count", 0)  # absent from checkpoints that predate it (tensor data)
         if state["state_at_perm"] is None:
             self.gen.set_state(state["gen"])
             self.perm, self.pos = None, 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacfast.trainers.base import Trainer
+from jacfast.trainers.batches import cross_entropy, model_logits, wide
 from jacfast.trainers.distiller import describe, networks_in, split_components, weights_hash
 
 
@@ -26,7 +26,7 @@ class TransferTrainer(Trainer):
         loss: a ``jacfast.TransferLoss`` (its ``ce_weight`` weighs the new labels' CE), called
             as ``loss(x, y)`` with its student swapped for the DDP wrapper; or None for
             cross-entropy only (from scratch). Its parameters (adapters) train with the student.
-        train_data: (x (N, *input_dims), y (N,)) of the NEW task.
+        train_data: (x (N, *input_dims), y (N,)) of the NEW task: tensors, a Dataset or a DataLoader.
         **kwargs: see :class:`~jacfast.trainers.base.Trainer`.
     """
 
@@ -50,10 +50,10 @@ class TransferTrainer(Trainer):
                 p.requires_grad_(False)
         self.loss = loss
 
-    def compute_loss(self, x: Tensor, y: Tensor):
+    def compute_loss(self, x, y: Tensor):
         if self.loss is None:
-            logits = self.net(x)
-            ce = F.cross_entropy(logits.float(), y)
+            logits = model_logits(self.net, x, self.outputs)
+            ce = cross_entropy(wide(logits), y)
             return ce, {"ce": ce.detach()}, logits
         # No GradScaled here: the attention-map Jacobians are seeded inside the networks, not at
         # their outputs, so an output-side scale would not cancel. fp16 runs them unscaled.
