@@ -174,3 +174,16 @@ def test_resnet_batchnorm_modes():
 def test_old_cnn_families_unchanged():
     for cls in (VGGTeacher, ResNetStudent, LeNetStudent):
         assert cls(width=2)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_lm_input_dim_takes_a_wider_embedding():
+    """A student with its teacher's (wider) embedding table: inputs_embeds (B, L, input_dim)."""
+    teacher = _lm(dim=12)
+    student = _lm(dim=6, heads=2, input_dim=12)
+    student.embed.load_state_dict(teacher.embed.state_dict())
+    ids = torch.randint(0, 11, (2, 5))
+    e = teacher.embed(ids)
+    assert student.embed.weight.shape == (11, 12) and student.in_proj.weight.shape == (6, 12)
+    torch.testing.assert_close(student(inputs_embeds=e).logits, student(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \(B, L, 12\)"):
+        student(inputs_embeds=torch.randn(2, 5, 6, dtype=torch.float64))

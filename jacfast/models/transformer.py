@@ -110,7 +110,7 @@ class TransformerLM(nn.Module):
 
     ``forward(input_ids=None, attention_mask=None, *, inputs_embeds=None)``:
 
-    - input_ids (B, L) int64 in [0, vocab_size), or inputs_embeds (B, L, dim) floating
+    - input_ids (B, L) int64 in [0, vocab_size), or inputs_embeds (B, L, input_dim) floating
       (exactly one of the two; ``inputs_embeds = model.embed(input_ids)``);
     - attention_mask (B, L), optional: nonzero for tokens, 0 for padding;
     - returns ``ModelOutput(logits=(B, L, num_outputs))``, num_outputs = vocab_size for the
@@ -126,20 +126,27 @@ class TransformerLM(nn.Module):
         attention: "sdpa" (``F.scaled_dot_product_attention``) or "math" (written out;
             twice differentiable, for the exact estimator).
         dropout: dropout in attention and MLP (training mode only).
+        input_dim: width of the token embeddings (``inputs_embeds`` (B, L, input_dim)) when it
+            differs from ``dim``: a linear map ``in_proj`` (input_dim -> dim) follows them.
+            A student given its teacher's embedding table (copied into ``embed``, frozen)
+            then takes the teacher's inputs_embeds, so both are differentiated with respect
+            to the same tensor.
     """
 
     causal = True
 
     def __init__(self, vocab_size: int, dim: int = 64, depth: int = 2, heads: int = 4, max_len: int = 128,
                  mlp_ratio: int = 4, *, attention: str = "sdpa", dropout: float = 0.0,
-                 num_outputs: Optional[int] = None):
+                 num_outputs: Optional[int] = None, input_dim: Optional[int] = None):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads),
-                            ("max_len", max_len), ("mlp_ratio", mlp_ratio)):
+                            ("max_len", max_len), ("mlp_ratio", mlp_ratio), ("input_dim", input_dim or dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.vocab_size, self.dim, self.max_len = vocab_size, dim, max_len
-        self.embed = nn.Embedding(vocab_size, dim)
+        self.input_dim = input_dim or dim
+        self.embed = nn.Embedding(vocab_size, self.input_dim)
+        self.in_proj = nn.Identity() if self.input_dim == dim else nn.Linear(self.input_dim, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, attention=attention, dropout=dropout)
                                     for _ in range(depth))
@@ -166,8 +173,9 @@ class TransformerLM(nn.Module):
                                  f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
                                  f"{tuple(getattr(input_ids, 'shape', ()))}")
             inputs_embeds = self.embed(input_ids)
-        if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.dim:
-            raise ValueError(f"inputs_embeds must have shape (B, L, {self.dim}), got "
+        if (not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3
+                or inputs_embeds.shape[-1] != self.input_dim):
+            raise ValueError(f"inputs_embeds must have shape (B, L, {self.input_dim}), got "
                              f"{tuple(getattr(inputs_embeds, 'shape', ()))}")
         B, L, _ = inputs_embeds.shape
         if L > self.max_len:
@@ -183,7 +191,7 @@ class TransformerLM(nn.Module):
         """See the class docstring: ids (B, L) or embeddings (B, L, E) -> {"logits": (B, L, V)}."""
         e = self._check(input_ids, inputs_embeds, attention_mask)
         L = e.shape[1]
-        h = e + self.pos[:L].to(e.dtype)
+        h = self.in_proj(e) + self.pos[:L].to(e.dtype)
         allowed = attention_allowed(attention_mask, L, self.causal, e.device)
         for block in self.blocks:
             h = block(h, allowed)
