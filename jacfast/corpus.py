@@ -8,8 +8,9 @@ files, one fortune per block, blocks separated by a line holding only ``%``.
   order; ``ascii-art`` left out: pictures, not text).
 - :class:`CharVocab`: a character vocabulary (newline, printable ASCII, and one id for
   everything else) with :meth:`CharVocab.encode` / :meth:`CharVocab.decode`.
-- :func:`split_text`: a seeded split of the fortunes into train and test streams (whole
-  fortunes go to one side), each the fortunes joined by ``"\\n%\\n"``.
+- :func:`split_fortunes`: a seeded split of the fortunes into train and test (whole fortunes
+  go to one side); :func:`take_chars`: a seeded subset of about n characters;
+  :func:`join_text`: fortunes as one stream, joined by ``"\\n%\\n"``.
 - :func:`random_windows` / :func:`eval_windows`: (input ids, next-character targets) windows
   of a stream for a language model, (B, L) int64 each.
 """
@@ -19,11 +20,13 @@ import os
 import re
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 _SKIP = {"ascii-art"}
+SEPARATOR = "\n%\n"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -72,21 +75,41 @@ class CharVocab:
 
     def encode(self, text: str) -> Tensor:
         """text -> (len(text),) int64 ids."""
-        return torch.tensor([self._ids.get(c, 0) for c in text], dtype=torch.int64)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        lut = np.zeros(128, dtype=np.int64)
+        for c, i in self._ids.items():
+            lut[ord(c)] = i
+        return torch.from_numpy(np.where(codes < 128, lut[np.minimum(codes, 127)], 0))
 
     def decode(self, ids) -> str:
         """ids (any int sequence) -> text; unknown characters as U+FFFD."""
         return "".join("\ufffd" if i == 0 else self.chars[i - 1] for i in map(int, ids))
 
 
-def split_text(docs: list[str], test_fraction: float = 0.1, seed: int = 0) -> tuple[str, str]:
-    """(train, test) streams: a seeded ``test_fraction`` of the fortunes for test, the rest train."""
+def split_fortunes(docs: list[str], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, test) fortunes: a seeded ``test_fraction`` of them for test, in their original order."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = max(1, round(test_fraction * len(docs)))
-    test, train = order[:n_test], order[n_test:]
-    return "\n%\n".join(docs[i] for i in sorted(train)), "\n%\n".join(docs[i] for i in sorted(test))
+    return [docs[i] for i in sorted(order[n_test:])], [docs[i] for i in sorted(order[:n_test])]
+
+
+def take_chars(docs: list[str], chars: int, seed: int = 0) -> list[str]:
+    """Seeded random whole fortunes of ``docs`` until they hold at least ``chars`` characters."""
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    out, n = [], 0
+    for i in order:
+        if n >= chars:
+            break
+        out.append(docs[i])
+        n += len(docs[i]) + len(SEPARATOR)
+    return out
+
+
+def join_text(docs: list[str]) -> str:
+    """The fortunes as one stream, separated as in the files (a line holding '%')."""
+    return SEPARATOR.join(docs)
 
 
 def random_windows(stream: Tensor, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
