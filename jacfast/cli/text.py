@@ -160,7 +160,7 @@ def train_teacher(s: dict, vocab: int, stream, quiet: bool) -> tuple[Transformer
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(ce=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(ce=f"{float(loss.detach()):.3f}", refresh=False)
             bar.update()
     return teacher.eval().requires_grad_(False), time.perf_counter() - t0
 
