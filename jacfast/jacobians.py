@@ -48,8 +48,6 @@ carry no graph. ``create_graph=True`` (student rows, exact estimator): ``logits`
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import time
 import warnings
@@ -58,134 +56,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacfast.ops.topk_seeds import FLOAT_DTYPES
+from jacfast.jacobian_strategies import _STRATEGIES, STRATEGIES, Rows, _compiled, _replicate_blocker
+from jacfast.model_io import FLOAT_DTYPES, ModelCall, as_call  # noqa: F401  (ModelCall: re-exported)
 from jacfast.selection import ByFunction, as_selection, select  # noqa: F401  (select: re-exported)
-
-STRATEGIES = ("loop", "batched", "replicate")
-
-
-# ----------------------------------------------------------------------------- strategies
-def _forward(model, xin: Tensor, replicas: int = 1) -> Tensor:
-    out = model(xin)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"model must return a logits tensor of shape (B, C), got {type(out).__name__}")
-    if out.dim() != 2 or out.shape[0] != xin.shape[0]:
-        note = f" for x repeated {replicas} times (strategy='replicate')" if replicas > 1 else ""
-        raise ValueError(
-            f"model must return logits of shape (B, C) with B = {xin.shape[0]}, got {tuple(out.shape)}{note}"
-        )
-    if out.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"model must return floating logits, got {out.dtype}")
-    if not out.requires_grad:
-        raise ValueError("model output does not depend on x (no autograd graph); is it run under torch.no_grad()?")
-    return out
-
-
-def _vjp(out, xin, seeds, create_graph, retain, batched=False) -> Tensor:
-    (g,) = torch.autograd.grad(
-        out, xin, seeds, retain_graph=retain, create_graph=create_graph, allow_unused=True, is_grads_batched=batched
-    )
-    if g is None:  # the output does not depend on x at all: the Jacobian is zero
-        g = xin.new_zeros(((seeds.shape[0],) if batched else ()) + tuple(xin.shape))
-    return g
-
-
-def _loop(model, x, sel, create_graph, rows):
-    out = _forward(model, x)
-    indices, seeds = sel.resolve(out.detach())
-    k = seeds.shape[0]
-    jac = [_vjp(out, x, seeds[j], create_graph, retain=create_graph or j < k - 1) for j in range(k)]
-    return out, torch.stack(jac, 1), indices
-
-
-def _batched(model, x, sel, create_graph, rows):
-    out = _forward(model, x)
-    indices, seeds = sel.resolve(out.detach())
-    jac = _vjp(out, x, seeds, create_graph, retain=create_graph, batched=True)  # (K, B, ...)
-    return out, jac.transpose(0, 1).contiguous(), indices
-
-
-def _bn_forward_per_replica(m: nn.modules.batchnorm._BatchNorm, replicas: int, inp: Tensor) -> Tensor:
-    """BatchNorm forward on a batch of ``replicas`` stacked copies, each copy normalized with
-    its own batch statistics; running statistics updated once, as for one copy."""
-    if not (m.training or (m.running_mean is None and m.running_var is None)):
-        return type(m).forward(m, inp)  # running statistics: per sample already
-    m._check_input_dim(inp)
-    n, c, rest = inp.shape[0], inp.shape[1], tuple(inp.shape[2:])
-    b = n // replicas
-    if m.training and m.track_running_stats:
-        # Same momentum bookkeeping as _BatchNorm.forward; the update reads one replica, so
-        # the unbiased variance (n / (n - 1)) is that of the unreplicated batch.
-        factor = 0.0 if m.momentum is None else m.momentum
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.add_(1)
-            factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-        if m.running_mean is not None:
-            with torch.no_grad():
-                F.batch_norm(inp[:b], m.running_mean, m.running_var, None, None, True, factor, m.eps)
-    # Fold the replicas into channels, (R*B, C, ...) -> (B, R*C, ...): every (replica, channel)
-    # is normalized over its own B samples, so values and gradients match the plain batch.
-    folded = inp.reshape(replicas, b, c, *rest).transpose(0, 1).reshape(b, replicas * c, *rest)
-    weight = m.weight.repeat(replicas) if m.weight is not None else None
-    bias = m.bias.repeat(replicas) if m.bias is not None else None
-    y = F.batch_norm(folded, None, None, weight, bias, True, 0.0, m.eps)
-    return y.reshape(b, replicas, c, *rest).transpose(0, 1).reshape(n, c, *rest)
-
-
-def _replicate_blocker(model) -> Optional[str]:
-    """Why ``model`` cannot be replicated exactly, or None."""
-    if not isinstance(model, nn.Module):
-        return None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            return f"dropout {name!r} is in training mode: the replicas would draw different masks"
-        if isinstance(m, nn.SyncBatchNorm) and m.training:
-            return f"SyncBatchNorm {name!r} in training mode is not supported"
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and "forward" in m.__dict__:
-            return f"BatchNorm {name!r} has an instance-level forward override"
-    return None
-
-
-@contextlib.contextmanager
-def _per_replica_batchnorm(model, replicas: int):
-    patched = []
-    if isinstance(model, nn.Module) and replicas > 1:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.forward = functools.partial(_bn_forward_per_replica, m, replicas)
-                patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def _replicate(model, x, sel, create_graph, rows):
-    if rows is None:
-        raise ValueError(
-            "select: strategy='replicate' needs K before the forward pass; use select.all(num_outputs=C) "
-            "or explicit indices, or another strategy"
-        )
-    why = _replicate_blocker(model)
-    if why:
-        raise ValueError(f"strategy='replicate' cannot be used: {why}; use 'loop' or 'batched'")
-    b = x.shape[0]
-    xr = x.unsqueeze(0).expand(rows, *x.shape).reshape(rows * b, *x.shape[1:])
-    with _per_replica_batchnorm(model, rows):
-        out = _forward(model, xr, rows)
-    logits = out[:b]
-    indices, seeds = sel.resolve(logits.detach())
-    if seeds.shape[0] != rows:
-        raise ValueError(f"select gave K = {seeds.shape[0]} rows, expected {rows}")
-    g = _vjp(out, xr, seeds.reshape(rows * b, -1), create_graph, retain=create_graph)
-    return logits, g.reshape(rows, *x.shape).transpose(0, 1).contiguous(), indices
-
-
-_STRATEGIES = {"loop": _loop, "batched": _batched, "replicate": _replicate}
 
 
 # ----------------------------------------------------------------------------- auto
@@ -228,10 +103,15 @@ class StrategyCache:
         return table
 
     @staticmethod
-    def key(model, x: Tensor, rows, create_graph: bool):
+    def key(model, x: Tensor, rows, create_graph: bool, spec=None, call=None):
+        """Everything that changes the choice: the bound method, x's shape, K (None when only
+        the forward pass tells it), device, dtype, create_graph, training mode, the kind of
+        selection and positions, and how the model is called (outputs=, inputs=, the other
+        inputs' shapes, an input adapter)."""
         training = model.training if isinstance(model, nn.Module) else None
         fn = StrategyCache._owner(model)[1]
-        return (fn, tuple(x.shape), rows, str(x.device), x.dtype, bool(create_graph), training)
+        return (fn, tuple(x.shape), rows, str(x.device), x.dtype, bool(create_graph), training,
+                None if spec is None else spec.key(), None if call is None else call.key())
 
     def get(self, model, key) -> Optional[StrategyChoice]:
         table = self._table(model, create=False)
@@ -242,7 +122,7 @@ class StrategyCache:
 
     def choices(self, model) -> dict:
         """{key: StrategyChoice} for ``model``; key = (method, x shape, K, device, dtype,
-        create_graph, training)."""
+        create_graph, training, (selection kind, positions kind), call)."""
         return dict(self._table(model, create=False) or {})
 
     def clear(self) -> None:
@@ -257,6 +137,7 @@ class _State:
     """Buffers of ``model`` and the RNG states a call may consume, to undo timing trials."""
 
     def __init__(self, model, sel, device):
+        sel = getattr(sel, "sel", sel)
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, nn.Module) else []
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -283,13 +164,14 @@ def _sync(device):
 AUTO_ROUNDS = 3  # timing rounds per new key; the first one also pays one-off costs
 
 
-def _time_once(name, model, x, sel, create_graph, rows, state) -> tuple[float, int]:
+def _time_once(name, call, x, spec, create_graph, rows, state) -> tuple[float, int]:
     """Seconds of one run of strategy ``name`` (from the restored state), and K."""
     state.restore()
     _sync(x.device)
     start = time.perf_counter()
-    logits, jac, _ = _STRATEGIES[name](model, x, sel, create_graph, rows)
+    logits, jac, _, _ = _STRATEGIES[name](call, x, spec, create_graph, rows)
     if create_graph:  # the double backward the caller will run is part of the cost
+        model = call.module
         params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
         loss = jac.square().sum() + logits.sum()
         if params and loss.requires_grad:
@@ -299,15 +181,17 @@ def _time_once(name, model, x, sel, create_graph, rows, state) -> tuple[float, i
     return time.perf_counter() - start, jac.shape[1]
 
 
-def _choose(model, x, sel, create_graph, rows) -> StrategyChoice:
+def _choose(call, x, spec, create_graph, rows) -> StrategyChoice:
     """Time the candidate strategies round-robin (so that a load change on the machine hits
     them alike), keep each one's fastest run, and pick the fastest strategy."""
+    model = call.module
     candidates = ["loop", "batched"]  # loop first: it tells K for select.all()
     # Only modules are replicated unasked: inside a plain callable, BatchNorm cannot be seen.
-    if isinstance(model, nn.Module) and _replicate_blocker(model) is None and not isinstance(sel, ByFunction):
+    if (isinstance(model, nn.Module) and _replicate_blocker(model) is None and not isinstance(spec.sel, ByFunction)
+            and not call.passthrough):
         candidates.append("replicate")
     choice = StrategyChoice("", rows, {n: float("inf") for n in candidates})
-    state = _State(model, sel, x.device)
+    state = _State(model, spec.sel, x.device)
     first_error, dropped = None, set()
     try:
         for _ in range(AUTO_ROUNDS):
@@ -317,7 +201,7 @@ def _choose(model, x, sel, create_graph, rows) -> StrategyChoice:
                 try:
                     with warnings.catch_warnings():  # e.g. vmap's slow-fallback notices
                         warnings.simplefilter("ignore")
-                        seconds, choice.rows = _time_once(name, model, x, sel, create_graph, choice.rows, state)
+                        seconds, choice.rows = _time_once(name, call, x, spec, create_graph, choice.rows, state)
                     choice.timings[name] = min(choice.timings[name], seconds)
                 except Exception as exc:  # noqa: BLE001  (a strategy that raises is skipped)
                     first_error = first_error or exc
@@ -335,62 +219,121 @@ def _choose(model, x, sel, create_graph, rows) -> StrategyChoice:
     return choice
 
 
-def _auto(model, x, sel, create_graph):
-    rows = sel.rows()
-    key = StrategyCache.key(model, x, rows, create_graph)
+def _auto(call, x, spec, create_graph):
+    rows = spec.rows()
+    model = call.module
+    key = StrategyCache.key(model, x, rows, create_graph, spec, call)
     choice = strategy_cache.get(model, key)
     if choice is None:
         # K = 1: every strategy is one backward; the plain loop has no overhead.
-        choice = StrategyChoice("loop", 1) if rows == 1 else _choose(model, x, sel, create_graph, rows)
+        choice = StrategyChoice("loop", 1) if rows == 1 else _choose(call, x, spec, create_graph, rows)
         strategy_cache.put(model, key, choice)
-    return _STRATEGIES[choice.strategy](model, x, sel, create_graph, rows or choice.rows)
+    # The K measured while timing (select.all()) is used only for the selection kind it was keyed on.
+    return _STRATEGIES[choice.strategy](call, x, spec, create_graph, rows or choice.rows)
 
 
 # ----------------------------------------------------------------------------- public
-def input_jacobians(model, x: Tensor, select, *, create_graph: bool = False, strategy: str = "auto"):
-    """Logits and selected input-Jacobian rows of ``model`` at ``x``.
-
-    Args:
-        model: callable mapping x (B, *input_dims) to logits (B, C), e.g. an ``nn.Module``.
-        x: (B, *input_dims) floating tensor (a batch dimension is required).
-        select: a ``jacfast.select.*`` selection: ``topk(k, logits=None)``, ``target(y)``,
-            ``all()``, ``indices(idx)``, ``projections(k)``; or an index tensor (B, K) / (K,);
-            or a callable ``logits (B, C) -> indices (B, K)``.
-        create_graph: True to differentiate the result (student rows); False computes teacher
-            rows with no graph retained and no parameter ``.grad`` touched.
-        strategy: "auto", "loop", "batched" or "replicate" (see the module docstring).
-
-    Returns:
-        logits: (B, C), the model's output (detached unless ``create_graph``).
-        jac: (B, K, *input_dims) in x's dtype, ``jac[b, k]`` the input gradient of output
-            ``indices[b, k]`` of sample b (of projection k for ``select.projections``).
-        indices: (B, K) int64, the selected outputs (-1 for projections).
-    """
-    if not callable(model):
-        raise TypeError(f"model must be callable (an nn.Module or a function), got {type(model).__name__}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
+def _check_compiled(model, create_graph: bool) -> None:
+    if create_graph and _compiled(model):
         raise ValueError(
-            f"x must have a batch dimension, shape (B, *input_dims), got shape {tuple(x.shape)}; "
-            "use x.unsqueeze(0) for a single sample"
+            "a torch.compile'd model has no double backward (aot_autograd does not support it), which "
+            "create_graph=True / estimator='exact' needs: pass the uncompiled model (model._orig_mod for an "
+            "nn.Module) or use estimator='finite_difference' (first-order backprop only, which compiled models "
+            "support)"
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must have a floating dtype (float32, float64, float16, bfloat16), got {x.dtype}")
-    sel = as_selection(select)
-    if not isinstance(create_graph, bool):
-        raise TypeError(f"create_graph must be a bool, got {type(create_graph).__name__}")
-    if not isinstance(strategy, str) or strategy not in ("auto",) + STRATEGIES:
-        raise ValueError(f"strategy must be one of {('auto',) + STRATEGIES}, got {strategy!r}")
+
+
+def jacobians_of(call, x: Tensor, spec: Rows, *, create_graph: bool = False, strategy: str = "auto"):
+    """:func:`input_jacobians` on a bound call and a :class:`Rows` spec; also returns what
+    replays the same rows (see :mod:`jacfast.jacobian_strategies`). For the losses."""
+    _check_compiled(call.module, create_graph)
     with torch.enable_grad():
         if create_graph and x.requires_grad:
             xg = x  # keep the caller's graph upstream of x
         else:
             xg = (x.clone() if x.is_inference() else x.detach()).requires_grad_(True)
-        if strategy == "auto":
-            logits, jac, indices = _auto(model, xg, sel, create_graph)
-        else:
-            logits, jac, indices = _STRATEGIES[strategy](model, xg, sel, create_graph, sel.rows())
+        with _no_donated_buffers(call.module):
+            if strategy == "auto":
+                logits, jac, indices, resolved = _auto(call, xg, spec, create_graph)
+            else:
+                logits, jac, indices, resolved = _STRATEGIES[strategy](call, xg, spec, create_graph, spec.rows())
     if not create_graph:
         logits, jac = logits.detach(), jac.detach()
+    return logits, jac, indices, resolved
+
+
+def _no_donated_buffers(model):
+    """A compiled model's backward may free ("donate") saved tensors, which breaks the
+    retained graph of K >= 2 backward passes; keep them while it compiles here."""
+    if not _compiled(model):
+        return _NULL
+    from torch._functorch import config
+
+    return config.patch(donated_buffer=False)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+def input_jacobians(model, x, select, *, outputs=None, inputs=None, positions=None, create_graph: bool = False,
+                    strategy: str = "auto"):
+    """Logits and selected input-Jacobian rows of ``model`` at ``x``.
+
+    Args:
+        model: a callable (e.g. an ``nn.Module``) returning logits (B, C) or sequence logits
+            (B, L, C), or something that holds them (see ``outputs``).
+        x: the model's input: a Tensor (B, *input_dims) (``model(x)``), a tuple/list
+            (``model(*x)``) or a dict (``model(**x)``); see ``inputs``.
+        select: a ``jacfast.select.*`` selection: ``topk(k, logits=None)``, ``target(y)``,
+            ``all()``, ``indices(idx)``, ``projections(k)``; or an index tensor (B, K) / (K,);
+            or a callable ``logits (B, C) -> indices (B, K)``. For sequence outputs each
+            applies per selected position (``target(y)`` with y (B, L) and ``ignore_index``).
+        outputs: where the logits are in the model's return value: None (a Tensor), a str key
+            or attribute (``"logits"``), an int index, or a callable (:class:`jacfast.ModelCall`).
+        inputs: which entry of a tuple (int) / dict (str) ``x`` is differentiated (e.g.
+            ``"inputs_embeds"``); the other entries are passed through, never differentiated.
+        positions: sequence outputs only: None (all L positions), a bool mask (B, L), an integer
+            tensor of positions (B, P) / (P,), or ``select.sample(m, seed=0)``.
+        create_graph: True to differentiate the result (student rows); False computes teacher
+            rows with no graph retained and no parameter ``.grad`` touched.
+        strategy: "auto", "loop", "batched" or "replicate" (see the module docstring).
+
+    Returns:
+        logits: (B, C) or (B, L, C), the model's output (detached unless ``create_graph``).
+        jac: (B, K, *input_dims) in x's dtype (the differentiated entry's), ``jac[b, k]`` the
+            input gradient of output ``indices[b, k]`` of sample b (of projection k for
+            ``select.projections``). Sequence outputs: K' = P * Kp rows, position-major (row
+            p * Kp + j is output j at the p-th selected position); ignored positions give
+            all-zero rows.
+        indices: (B, K) int64, the selected outputs (-1 for projections); for sequence outputs
+            position * C + class, -1 for zero rows and projection rows.
+
+    Cost: one forward, then K backward passes ("loop") or one vmapped backward ("batched"),
+    K = K' for sequence outputs (P positions x Kp outputs each: bound it with ``positions``).
+    """
+    call = as_call(model, outputs, inputs)
+    if isinstance(x, Tensor):
+        if x.dim() < 2:
+            raise ValueError(
+                f"x must have a batch dimension, shape (B, *input_dims), got shape {tuple(x.shape)}; "
+                "use x.unsqueeze(0) for a single sample"
+            )
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must have a floating dtype (float32, float64, float16, bfloat16), got {x.dtype}")
+    bound = call.bind(x)
+    sel = as_selection(select)
+    if not isinstance(create_graph, bool):
+        raise TypeError(f"create_graph must be a bool, got {type(create_graph).__name__}")
+    if not isinstance(strategy, str) or strategy not in ("auto",) + STRATEGIES:
+        raise ValueError(f"strategy must be one of {('auto',) + STRATEGIES}, got {strategy!r}")
+    logits, jac, indices, _ = jacobians_of(bound, bound.xd, Rows(sel, positions), create_graph=create_graph,
+                                           strategy=strategy)
     return logits, jac, indices

@@ -95,9 +95,14 @@ class TopK(Selection):
 
 @dataclass(frozen=True, eq=False)
 class Target(Selection):
-    """The target class of each sample: ``target`` (B,) integer labels -> K = 1."""
+    """The target class of each sample: ``target`` (B,) integer labels -> K = 1.
+
+    For sequence outputs (B, L, C): ``target`` (B, L), one label per position; positions
+    whose label is ``ignore_index`` (default -100, as ``F.cross_entropy``) get all-zero rows.
+    """
 
     target: Tensor
+    ignore_index: int = -100
 
     def rows(self):
         return 1
@@ -230,6 +235,14 @@ class select:  # noqa: N801  (a namespace: jacfast.select.topk(5))
     @staticmethod
     def all(num_outputs: Optional[int] = None) -> AllOutputs:  # noqa: A003
         return AllOutputs(num_outputs)
+
+    @staticmethod
+    def sample(m: int, seed: int = 0, within: Optional[Tensor] = None):
+        """Position selection for sequence outputs: m random positions per sample (``positions=``),
+        see :mod:`jacfast.sequence`."""
+        from jacfast.sequence import SamplePositions
+
+        return SamplePositions(m, seed=seed, within=within)
 
 
 def as_selection(sel) -> Selection:

@@ -283,9 +283,9 @@ def test_auto_skips_a_strategy_that_raises(monkeypatch):
         input_jacobians(drop, x, select.topk(3), strategy="replicate")
 
 
-class ThreeD(nn.Module):
+class FourD(nn.Module):  # (B, C) and sequence logits (B, L, C) are logits; (B, 3, 2, 1) is not
     def forward(self, x):
-        return x.flatten(1)[:, :6].reshape(-1, 3, 2) * 2
+        return x.flatten(1)[:, :6].reshape(-1, 3, 2, 1) * 2
 
 
 def test_bad_inputs():
@@ -303,7 +303,7 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="k must satisfy 1 <= k <= C = 7"):
             input_jacobians(model, x, select.topk(8), strategy=strategy)
         with pytest.raises(ValueError, match="model must return logits of shape"):
-            input_jacobians(ThreeD(), x, select.topk(1), strategy=strategy)
+            input_jacobians(FourD(), x, select.topk(1), strategy=strategy)
         with pytest.raises(TypeError, match="model must return a logits tensor"):
             input_jacobians(lambda z: (model(z),), x, select.topk(1), strategy=strategy)
         with pytest.raises(ValueError, match="indices out of range"):
