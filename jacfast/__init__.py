@@ -27,6 +27,8 @@ from jacfast.registry import BackendUnavailableError, backends
 from jacfast.selection import AllOutputs, ByFunction, Indices, Projections, Selection, Target, TopK, select
 from jacfast.teacher_cache import CacheMismatchError, TeacherCache, TeacherOutputs, WithIndices
 from jacfast.trainers import CheckpointMismatchError, Distiller, SupervisedTrainer, TrainingInterrupted, TransferTrainer
+from jacfast.model_io import ModelCall
+from jacfast.sequence import RowPlan, SamplePositions
 
 __version__ = "0.1.0"
 
@@ -40,4 +42,5 @@ __all__ = [
     "DataError", "load_fashion_mnist", "load_mnist_digits", "subset_per_class",
     "LeNetStudent", "ResNetStudent", "VGGTeacher", "build_model",
     "CheckpointMismatchError", "Distiller", "SupervisedTrainer", "TrainingInterrupted", "TransferTrainer",
+    "ModelCall", "RowPlan", "SamplePositions",
 ]

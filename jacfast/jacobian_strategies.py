@@ -84,7 +84,7 @@ def _forward(call, xin: Tensor, create_graph: bool, replicas: int = 1) -> Tensor
     else:
         out = call.fn(xin)
     if not isinstance(out, Tensor):
-        raise TypeError(f"model must return a logits tensor of shape (B, C) or (B, L, C), got {type(out).__name__}")
+        call.call.logits(out)  # raises the TypeError that names what the model returned and how to pick
     if out.dim() not in (2, 3) or out.shape[0] != xin.shape[0]:
         note = f" for x repeated {replicas} times (strategy='replicate')" if replicas > 1 else ""
         raise ValueError(f"model must return logits of shape (B, C) or (B, L, C) with B = {xin.shape[0]}, "

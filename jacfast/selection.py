@@ -72,8 +72,8 @@ class TopK(Selection):
     def __post_init__(self):
         _check_positive_int("k", self.k)
         if self.logits is not None:
-            if not isinstance(self.logits, Tensor) or self.logits.dim() != 2:
-                raise ValueError("logits must be a (B, C) tensor (the teacher's outputs) or None")
+            if not isinstance(self.logits, Tensor) or self.logits.dim() not in (2, 3):
+                raise ValueError("logits must be a (B, C) or (B, L, C) tensor (the teacher's outputs) or None")
             object.__setattr__(self, "logits", self.logits.detach())
 
     def rows(self):

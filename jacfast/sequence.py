@@ -101,7 +101,7 @@ def resolve_positions(positions, batch: int, length: int, device) -> tuple[Tenso
         mask = _check_mask("positions", positions, batch, length).to(device)
         count = int(mask.sum(1).max()) if mask.numel() else 0
         # Stable sort of ~mask puts each sample's True positions first, in order.
-        order = (~mask).to(torch.int8).sort(1, stable=True).indices[:, : max(count, 1)]
+        order = (~mask).to(torch.int8).sort(dim=1, stable=True).indices[:, : max(count, 1)]
         return order, mask.gather(1, order)
     if positions.dtype.is_floating_point or positions.dtype.is_complex:
         raise TypeError(f"positions must be a bool mask or an integer tensor, got {positions.dtype}")
