@@ -36,14 +36,37 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def _no_donated_buffers(model):
+    """A compiled model's backward may free ("donate") saved tensors, which breaks the
+    retained graph of K >= 2 backward passes; keep them while it compiles here."""
+    if not _compiled(model):
+        return _NULL
+    from torch._functorch import config
+
+    return config.patch(donated_buffer=False)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
 class Rows:
     """Which rows: a selection, and for sequence outputs (B, L, C) the positions; or the
     resolved rows of an earlier call (``resolved``: flat seeds (K, B, C) or a RowPlan)."""
 
-    __slots__ = ("sel", "positions", "plan")
+    __slots__ = ("sel", "positions", "plan", "flat")
 
-    def __init__(self, sel, positions=None, plan: Optional[RowPlan] = None):
-        self.sel, self.positions, self.plan = sel, freeze(positions), plan
+    def __init__(self, sel, positions=None, plan: Optional[RowPlan] = None, flat: bool = False):
+        # flat: the rows were chosen on another model's (B, C) logits (a teacher's), so
+        # sequence outputs here are a mismatch, not a per-position selection
+        self.sel, self.positions, self.plan, self.flat = sel, freeze(positions), plan, flat
 
     def rows(self) -> Optional[int]:
         if self.plan is not None:
@@ -58,6 +81,9 @@ class Rows:
     def head(self, out: Tensor, batch: int):
         """(what to differentiate (N, M), indices (B, K), seeds (K, B, M), resolved) for the
         model output ``out`` (N, C) or (N, L, C), N = replicas * batch."""
+        if self.flat and out.dim() == 3:
+            raise ValueError(f"the rows were selected on logits of shape (B, C), but this model returned "
+                             f"{tuple(out.shape)}: teacher and student outputs must have the same shape")
         if self.plan is not None or out.dim() == 3:
             if out.dim() != 3:
                 raise ValueError(f"the rows were selected for sequence outputs (B, L, C), but the model returned "

@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from jacfast.jacobian_strategies import _STRATEGIES, STRATEGIES, Rows, _compiled, _replicate_blocker
+from jacfast.jacobian_strategies import _STRATEGIES, STRATEGIES, Rows, _compiled, _no_donated_buffers, _replicate_blocker
 from jacfast.model_io import FLOAT_DTYPES, ModelCall, as_call  # noqa: F401  (ModelCall: re-exported)
 from jacfast.selection import ByFunction, as_selection, select  # noqa: F401  (select: re-exported)
 
@@ -262,25 +262,6 @@ def jacobians_of(call, x: Tensor, spec: Rows, *, create_graph: bool = False, str
     return logits, jac, indices, resolved
 
 
-def _no_donated_buffers(model):
-    """A compiled model's backward may free ("donate") saved tensors, which breaks the
-    retained graph of K >= 2 backward passes; keep them while it compiles here."""
-    if not _compiled(model):
-        return _NULL
-    from torch._functorch import config
-
-    return config.patch(donated_buffer=False)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
 
 
 def input_jacobians(model, x, select, *, outputs=None, inputs=None, positions=None, create_graph: bool = False,

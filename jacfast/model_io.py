@@ -83,21 +83,23 @@ class BoundCall:
                           for k, v in entries)
         return (self.call.outputs, self.call.inputs, extra, self.adapter)
 
-    def __call__(self, xd: Tensor):
+    def raw(self, xd: Tensor):
+        """What the model returns when ``xd`` replaces the differentiated input."""
         if self.adapter is not None:
             xd = self.adapter(xd)
         x = self._x
         if isinstance(x, Tensor):
-            out = self.module(xd)
-        elif isinstance(x, dict):
+            return self.module(xd)
+        if isinstance(x, dict):
             args = dict(x)
             args[self.call.inputs] = xd
-            out = self.module(**args)
-        else:
-            args = list(x)
-            args[self.call.inputs] = xd
-            out = self.module(*args)
-        return self.call.logits(out)
+            return self.module(**args)
+        args = list(x)
+        args[self.call.inputs] = xd
+        return self.module(*args)
+
+    def __call__(self, xd: Tensor):
+        return self.call.logits(self.raw(xd))
 
 
 class ModelCall:

@@ -25,6 +25,13 @@ Data: a tensor X (N, *input), a pair (X, Y) of tensors, or a map-style dataset w
 are ``x`` or ``(x, y, ...)`` tensors. Batches need their sample indices: wrap a dataset in
 :class:`WithIndices` so that a DataLoader yields ``(idx, x, y)``.
 
+Models called with several inputs (``inputs=``, ``outputs=``: :class:`jacfast.ModelCall`):
+X may also be a dict of (N, ...) tensors (``{"inputs_embeds": E, "attention_mask": M}``) or
+a dataset whose ``x`` is such a dict (of per-sample tensors); ``inputs`` names the
+differentiated entry, whose shape is the rows' ``*input``. Sequence teachers (B, L, C) store
+logits (N, L, C) and, per sample, the K' = L * Kp rows of every position (indices: position
+* C + class, -1 for an ignored target).
+
 The teacher runs in eval mode while the cache is built (its mode is restored afterwards):
 cached rows must not depend on the rest of the batch.
 """
@@ -77,47 +84,77 @@ class _Data:
 
     def __init__(self, data):
         self.x = self.y = self.dataset = None
-        if isinstance(data, Tensor):
+        if isinstance(data, Tensor) or (isinstance(data, dict) and all(isinstance(t, Tensor) for t in data.values())):
             self.x = data
-        elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+              and (isinstance(data[0], Tensor) or (isinstance(data[0], dict)
+                                                    and all(isinstance(t, Tensor) for t in data[0].values())))):
             self.x, self.y = data
-            if self.y.shape[:1] != self.x.shape[:1]:
-                raise ValueError(f"X and Y must have the same length, got {tuple(self.x.shape)} and "
-                                 f"{tuple(self.y.shape)}")
+            if self.y.shape[0] != _len(self.x):
+                raise ValueError(f"X and Y must have the same length, got {_len(self.x)} and {tuple(self.y.shape)}")
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
             self.dataset = data
         else:
             raise TypeError("data must be a tensor X, a pair (X, Y) of tensors or a map-style dataset")
-        if self.x is not None and self.x.ndim < 2:
+        if isinstance(self.x, Tensor) and self.x.ndim < 2:
             raise ValueError(f"X must have shape (N, *input_dims), got {tuple(self.x.shape)}")
         if len(self) == 0:
             raise ValueError("the data set is empty")
 
     def __len__(self):
-        return len(self.x) if self.x is not None else len(self.dataset)
+        return _len(self.x) if self.x is not None else len(self.dataset)
 
     def item(self, i: int):
         if self.x is not None:
-            return self.x[i], (None if self.y is None else self.y[i])
+            return _index(self.x, i), (None if self.y is None else self.y[i])
         item = self.dataset[i]
         x, y = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"dataset items must be tensors or (x, y, ...) tuples of tensors, got {type(x).__name__}")
+        if not (isinstance(x, Tensor) or (isinstance(x, dict) and all(isinstance(v, Tensor) for v in x.values()))):
+            raise TypeError(f"dataset items must be tensors (or dicts of tensors) or (x, y, ...) tuples of them, got "
+                            f"{type(x).__name__}")
         return x, (None if y is None else torch.as_tensor(y))
 
     def batch(self, start: int, stop: int):
         if self.x is not None:
-            return self.x[start:stop], (None if self.y is None else self.y[start:stop])
+            return _index(self.x, slice(start, stop)), (None if self.y is None else self.y[start:stop])
         items = [self.item(i) for i in range(start, stop)]
         ys = [y for _, y in items]
-        return torch.stack([x for x, _ in items]), (None if any(y is None for y in ys) else torch.stack(ys))
+        xs = [x for x, _ in items]
+        xb = {k: torch.stack([x[k] for x in xs]) for k in xs[0]} if isinstance(xs[0], dict) else torch.stack(xs)
+        return xb, (None if any(y is None for y in ys) else torch.stack(ys))
 
     def sample_positions(self) -> list:
         n = len(self)
         return sorted({round(i * (n - 1) / max(_SAMPLE_POINTS - 1, 1)) for i in range(min(n, _SAMPLE_POINTS))})
 
 
+def _len(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _index(x, i):
+    return {k: v[i] for k, v in x.items()} if isinstance(x, dict) else x[i]
+
+
+def _to(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _entry(x, inputs) -> Tensor:
+    """The differentiated entry of one sample or batch ``x``."""
+    if isinstance(x, dict):
+        if inputs not in x:
+            raise ValueError(f"inputs={inputs!r} is not a key of the data's x; keys: {list(x)}")
+        return x[inputs]
+    return x
+
+
 def _update(h, t: Optional[Tensor]) -> None:
+    if isinstance(t, dict):
+        for key in sorted(t):
+            h.update(str(key).encode())
+            _update(h, t[key])
+        return
     if t is None:
         h.update(b"none")
         return
@@ -156,13 +193,17 @@ def _dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def _settings(select: str, k: int, dtype: torch.dtype, input_shape) -> dict:
+def _settings(select: str, k: int, dtype: torch.dtype, input_shape, outputs=None, inputs=None) -> dict:
     if select not in ("topk", "target", "all"):
         raise ValueError(f"select must be 'topk', 'target' or 'all', got {select!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return {"select": select, "k": k if select == "topk" else None, "dtype": _STORE[dtype][0],
-            "input_shape": list(input_shape)}
+    settings = {"select": select, "k": k if select == "topk" else None, "dtype": _STORE[dtype][0],
+                "input_shape": list(input_shape)}
+    if outputs is not None or inputs is not None:  # (absent from caches built without them)
+        settings["outputs"] = outputs if isinstance(outputs, (str, int)) else "callable" if callable(outputs) else None
+        settings["inputs"] = inputs
+    return settings
 
 
 def _fsync_dir(directory: str) -> None:
@@ -248,7 +289,7 @@ class TeacherCache:
 
     @classmethod
     def open(cls, path: str, teacher, data, *, select: str = "topk", k: int = 1, dtype=torch.float32,
-             verify: str = "full") -> "TeacherCache":
+             verify: str = "full", outputs=None, inputs=None) -> "TeacherCache":
         """Map an existing cache after checking that it belongs to this data set, teacher and
         settings (``verify="full"`` re-hashes every sample, ``"sample"`` N and 64 of them).
         Raises :class:`CacheMismatchError` naming what changed, FileNotFoundError if absent."""
@@ -256,7 +297,7 @@ class TeacherCache:
             raise ValueError(f"verify must be 'full' or 'sample', got {verify!r}")
         d = _Data(data)
         header = cls.read_header(path)
-        want = _settings(select, k, _dtype(dtype), d.item(0)[0].shape)
+        want = _settings(select, k, _dtype(dtype), _entry(d.item(0)[0], inputs).shape, outputs, inputs)
         have = header["settings"]
         changed = [f"{key}: cache {have.get(key)!r}, requested {want[key]!r}"
                    for key in want if have.get(key) != want[key]]
@@ -278,7 +319,7 @@ class TeacherCache:
     @classmethod
     def open_or_build(cls, path: str, teacher, data, **kwargs) -> "TeacherCache":
         """:meth:`open` if ``path`` exists (a mismatch still raises), else :meth:`build`."""
-        open_kw = {k: kwargs[k] for k in ("select", "k", "dtype", "verify") if k in kwargs}
+        open_kw = {k: kwargs[k] for k in ("select", "k", "dtype", "verify", "outputs", "inputs") if k in kwargs}
         if os.path.exists(path):
             return cls.open(path, teacher, data, **open_kw)
         kwargs.pop("verify", None)
@@ -288,7 +329,7 @@ class TeacherCache:
     @classmethod
     def build(cls, path: str, teacher, data, *, select: str = "topk", k: int = 1, dtype=torch.float32,
               batch_size: int = 64, device: Optional[Union[str, torch.device]] = None, strategy: str = "auto",
-              progress: bool = True, overwrite: bool = False) -> "TeacherCache":
+              progress: bool = True, overwrite: bool = False, outputs=None, inputs=None) -> "TeacherCache":
         """Compute and write the cache (see the module docstring), then open it.
 
         Args:
@@ -299,6 +340,8 @@ class TeacherCache:
             dtype: storage of the rows: float32, bfloat16 or float16.
             batch_size, device, strategy: how the teacher runs (device: the teacher's by default).
             progress: tqdm progress bar.
+            outputs, inputs: how the teacher is called (:class:`jacfast.ModelCall`); ``inputs``
+                names the differentiated entry of a dict x.
         """
         from tqdm.auto import tqdm
 
@@ -311,7 +354,7 @@ class TeacherCache:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         d = _Data(data)
         n, x0 = len(d), d.item(0)[0]
-        settings = _settings(select, k, dtype, x0.shape)
+        settings = _settings(select, k, dtype, _entry(x0, inputs).shape, outputs, inputs)
         if select == "target" and d.item(0)[1] is None:
             raise ValueError("select='target' needs labels: pass (X, Y) or a dataset of (x, y) items")
         if device is None:
@@ -334,15 +377,16 @@ class TeacherCache:
                 stop = min(n, start + batch_size)
                 xb, yb = d.batch(start, stop)
                 for i in range(start, stop):  # fingerprints, from the very samples cached
-                    xi, yi = (xb[i - start], None if yb is None else yb[i - start])
+                    xi, yi = (_index(xb, i - start), None if yb is None else yb[i - start])
                     for h in (full, sample) if i in sample_at else (full,):
                         _update(h, xi)
                         _update(h, yi)
                 choice = {"topk": lambda: sel.topk(k), "all": lambda: sel.all(),
                           "target": lambda: sel.target(yb.to(device).long())}[select]()
-                logits, jac, idx = input_jacobians(teacher, xb.to(device), choice, strategy=strategy)
+                logits, jac, idx = input_jacobians(teacher, _to(xb, device), choice, strategy=strategy, outputs=outputs,
+                                                   inputs=inputs)
                 if not arrays:
-                    header = cls._layout(n, logits.shape[1], jac.shape[1], x0.shape, dtype)
+                    header = cls._layout(n, list(logits.shape[1:]), jac.shape[1], jac.shape[2:], dtype)
                     with open(tmp, "wb") as f:
                         f.truncate(header["size"])
                     arrays = {name: np.memmap(tmp, dtype=np.dtype(s["numpy"]), mode="r+", offset=s["offset"],
@@ -382,9 +426,10 @@ class TeacherCache:
         return cls(path, cls.read_header(path))
 
     @staticmethod
-    def _layout(n: int, classes: int, rows: int, input_shape, dtype: torch.dtype) -> dict:
+    def _layout(n: int, logits_shape: list, rows: int, input_shape, dtype: torch.dtype) -> dict:
         store_name, store_np = _STORE[dtype]
-        specs = {"logits": ("float32", [n, classes]), "indices": ("int64", [n, rows]),
+        classes = logits_shape[-1]
+        specs = {"logits": ("float32", [n, *logits_shape]), "indices": ("int64", [n, rows]),
                  "jac": (np.dtype(store_np).name, [n, rows, *input_shape])}
         offset, arrays = HEADER_REGION, {}
         for name, (np_name, shape) in specs.items():

@@ -84,14 +84,16 @@ def rng_state(device: torch.device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def forward_many(model, fn: Callable[[Tensor], Tensor], xs: list, state) -> list:
+def forward_many(model, fn: Callable[[Tensor], Tensor], xs: list, state, separate: Optional[bool] = None) -> list:
     """``fn(x_i)`` for each perturbed batch x_i (each (B, ...)), as if each were the main forward:
 
     concatenated into one batch when the model is sample-independent and deterministic, else
     one forward each with the RNG replayed to ``state`` and BatchNorm running stats untouched.
-    The global RNG continues as if these forwards had not happened.
+    ``separate=True`` forces one forward each (a model called with other inputs of the batch's
+    size: an attention mask cannot be concatenated along with x). The global RNG continues as
+    if these forwards had not happened.
     """
-    if not _separate_passes(model):
+    if not (separate or _separate_passes(model)):
         return list(fn(torch.cat(xs)).split(xs[0].shape[0]))
     cpu, cuda = state
     device = xs[0].device
@@ -127,7 +129,7 @@ def default_rel_step(dtype: torch.dtype, scheme: str = "central") -> float:
 
 
 def fd_directional(model, fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, *, rel_step: Optional[float] = None,
-                   state=None, base: Optional[Tensor] = None) -> Tensor:
+                   state=None, base: Optional[Tensor] = None, separate: Optional[bool] = None) -> Tensor:
     """sum_{b,k} <grad_x fn(x)[b, k], g[b, k]> by finite differences, differentiable wrt parameters.
 
     Args:
@@ -139,6 +141,7 @@ def fd_directional(model, fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, 
         state: :func:`rng_state` captured before the main forward.
         base: None for central differences; for forward differences fn(x) (B, K) from the main
             forward, with its graph (its parameter gradient is part of the estimate).
+        separate: True to run each perturbed batch as its own forward (see :func:`forward_many`).
 
     Per (b, k) the step is e_bk = rel_step * ||x_b|| / ||g_bk|| (so ||e g|| = rel_step ||x_b||;
     sqrt(D) replaces ||x_b|| = 0). With separate passes (BatchNorm in training couples samples)
@@ -175,7 +178,7 @@ def fd_directional(model, fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, 
     gnorm = torch.linalg.vector_norm(gf, dim=2)  # (B, K)
     xnorm = torch.linalg.vector_norm(x.detach().reshape(B, -1), dim=1)  # (B,)
     h = rel * torch.where(xnorm > 0, xnorm, torch.full_like(xnorm, math.sqrt(gf.shape[2])))
-    separate = _separate_passes(model)
+    separate = bool(separate) or _separate_passes(model)
     tiny = torch.finfo(gnorm.dtype).tiny
     if separate:  # one step per output k for the whole batch
         rms = gnorm.pow(2).mean(0).sqrt()
@@ -184,7 +187,7 @@ def fd_directional(model, fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, 
         eps = torch.where(gnorm > 0, h[:, None] / gnorm.clamp_min(tiny), torch.ones_like(gnorm))
     step = (eps[..., None] * gf).reshape(g.shape)  # (B, K, *input_dims)
     xs = [x + step[:, k] for k in range(K)] + ([x - step[:, k] for k in range(K)] if base is None else [])
-    outs = forward_many(model, fn, xs, state if state is not None else rng_state(x.device))
+    outs = forward_many(model, fn, xs, state if state is not None else rng_state(x.device), separate)
     plus = torch.stack([outs[k][:, k] for k in range(K)], 1)
     if base is not None:
         if base.shape != plus.shape:

@@ -41,6 +41,7 @@ from jacfast.losses.distillation import (
     _jm,
 )
 from jacfast.losses.finite_difference import check_scheme, fd_directional, rng_state
+from jacfast.model_io import ModelCall
 
 
 class TransferOutput(NamedTuple):
@@ -141,17 +142,22 @@ class TransferLoss(nn.Module):
         adapters: optional {student_name: module} applied to the student's features before
             activation matching (registered here, so ``loss.parameters()`` holds them).
         backend: of ``jacobian_matching_loss``.
+        outputs, inputs: how the networks are called (:class:`jacfast.ModelCall`): ``inputs``
+            names the differentiated entry of a tuple / dict x, ``outputs`` the student's
+            logits in what it returns (used for CE; the teacher's return value is not used).
 
-    Call: ``loss(x, target=None) -> TransferOutput``; x (B, *input_dims), target (B,) int64
-    (required when ce_weight > 0).
+    Call: ``loss(x, target=None) -> TransferOutput``; x (B, *input_dims) (or a tuple / dict
+    with ``inputs=``), target (B,) int64 (required when ce_weight > 0).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers, *, ce_weight: float = 1.0,
                  activation_weight: float = 0.0, attention_weight: float = 1.0, jacobian_weight: float = 1.0,
                  p: float = 2.0, kind: str = "normalized", estimator: str = "exact",
                  fd_step: Optional[float] = None, fd_scheme: str = "central", adapters: Optional[dict] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", outputs=None, inputs=None):
         super().__init__()
+        ModelCall(student, outputs=outputs, inputs=inputs)  # validates outputs= and inputs=
+        self.outputs, self.inputs = outputs, inputs
         if isinstance(layers, dict):
             pairs = list(layers.items())
         else:
@@ -209,8 +215,12 @@ class TransferLoss(nn.Module):
         return F.mse_loss(fs, ft.to(fs.dtype))
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, x: Tensor, target: Optional[Tensor] = None) -> TransferOutput:
-        _check_input(x)
+    def forward(self, x, target: Optional[Tensor] = None) -> TransferOutput:
+        if isinstance(x, Tensor):
+            _check_input(x)
+        t_call = ModelCall(self.teacher, inputs=self.inputs).bind(x)
+        s_call = ModelCall(self.student, outputs=self.outputs, inputs=self.inputs).bind(x)
+        x = s_call.xd
         B = x.shape[0]
         if target is not None:
             target = _check_target(target, B)
@@ -218,7 +228,7 @@ class TransferLoss(nn.Module):
             raise ValueError("target is required when ce_weight > 0 (set ce_weight=0 to train without labels)")
         need_jac = self.jacobian_weight > 0
         zero = x.new_zeros(())
-        teacher, student = self.teacher, self.student
+        teacher, student = t_call.raw, s_call
         with self._t_cap, self._s_cap:
             # Teacher: features (and their input gradients) only; gradients wrt x alone.
             x_t = x.detach().requires_grad_(need_jac)
@@ -226,7 +236,7 @@ class TransferLoss(nn.Module):
                 _, t_feats = self._t_cap.run(teacher, x_t)
             x_s = x if (x.requires_grad or not need_jac) else x.detach().requires_grad_(True)
             state = rng_state(x.device)
-            logits, s_feats = self._s_cap.run(student, x_s)
+            out, s_feats = self._s_cap.run(student.raw, x_s)
             act, att, t_vals, s_vals, where = zero, zero, [], [], []
             for pair in self.pairs:
                 ft, fs = t_feats[pair[0]], s_feats[pair[1]]
@@ -246,9 +256,9 @@ class TransferLoss(nn.Module):
             if need_jac:
                 jac, weighted = self._jacobian(student, x, x_t, x_s, torch.cat(t_vals, 1), torch.cat(s_vals, 1), where,
                                                state)
-        ce = zero
+        ce, logits = zero, out
         if self.ce_weight > 0:
-            logits = _check_logits(logits, B, "student")
+            logits = _check_logits(s_call.call.logits(out), B, "student")
             ce = F.cross_entropy(logits, _check_target(target, B, logits.shape[1]))
         total = (self.ce_weight * ce + self.activation_weight * act + self.attention_weight * att
                  + (self.jacobian_weight * jac if weighted is None else weighted))
@@ -277,11 +287,11 @@ class TransferLoss(nn.Module):
         value, g = jm.jacobian_matching_loss_and_grad(J_s, J_t.to(J_s.dtype), kind=self.kind, backend=self.backend)
 
         def values_at(xp: Tensor) -> Tensor:  # (N, L): the student's map values at i* for perturbed inputs
-            _, feats = self._s_cap.run(student, xp)
+            _, feats = self._s_cap.run(student.raw, xp)
             reps = xp.shape[0] // x.shape[0]
             return torch.cat([_pool_to(attention_map(feats[name], self.p), grid, False).flatten(1)
                               .gather(1, i_star.repeat(reps, 1)) for name, grid, i_star in where], 1)
 
         base = s_vals if self.fd_scheme == "forward" else None  # the main forward's values, with their graph
-        return _attach(value, fd_directional(student, values_at, x, g, rel_step=self.fd_step, state=state,
-                                             base=base)), None
+        return _attach(value, fd_directional(student.module, values_at, x, g, rel_step=self.fd_step, state=state,
+                                             base=base, separate=student.passthrough)), None
