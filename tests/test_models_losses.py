@@ -3,7 +3,8 @@ hand (per-row ``torch.autograd.grad``, then ``jacfast.reference``'s loss, double
 the parameter gradient): a causal LM teacher and a narrower student on the teacher's embedding
 table (inputs_embeds with an attention mask, dict outputs, positions), and the ResNet.
 
-Exact: the student's attention written out (``attention="math"``), twice differentiable.
+Exact: the student's attention written out (``attention="math"``), twice differentiable, and
+on SDPA (the loss runs create_graph forwards on SDPA's math kernel).
 Finite differences (central and forward): the student on ``F.scaled_dot_product_attention``,
 where the exact estimator would need SDPA's double backward; the reference is the same
 weights with the math attention. Tolerances: the estimator's truncation and round-off in
@@ -20,7 +21,7 @@ from jacfast.models import BasicBlockResNet, TransformerLM
 from jacfast.selection import select
 from models_reference import reference_rows, topk_per_position
 
-CASES = [("exact", "central", "math", 1e-9), ("finite_difference", "central", "sdpa", 1e-6),
+CASES = [("exact", "central", "math", 1e-9), ("exact", "central", "sdpa", 1e-9), ("finite_difference", "central", "sdpa", 1e-6),
          ("finite_difference", "forward", "sdpa", 1e-5)]
 
 
