@@ -37,13 +37,16 @@ def _math_attention():
 
 
 def _no_donated_buffers(model):
-    """A compiled model's backward may free ("donate") saved tensors, which breaks the
-    retained graph of K >= 2 backward passes; keep them while it compiles here."""
-    if not _compiled(model):
-        return _NULL
-    from torch._functorch import config
+    """A compiled model's backward may free ("donate") its saved tensors, which breaks the
+    retained graph of K >= 2 backward passes and of the finite-difference rows. The flag is
+    read when the backward runs (the caller's ``loss.backward()`` included), so a scope around
+    our calls is not enough: on meeting a compiled model, ``torch._functorch.config.donated_buffer``
+    is turned off for the process (a memory optimization only; like ``cudnn.benchmark``, a global)."""
+    if _compiled(model):
+        from torch._functorch import config
 
-    return config.patch(donated_buffer=False)
+        config.donated_buffer = False
+    return _NULL
 
 
 class _Null:

@@ -1,5 +1,15 @@
 """Selective input Jacobians: rows of d logits / d x for chosen outputs, in one call.
 
+Models as users write them: ``input_jacobians(model, x, select, outputs=..., inputs=...)``
+with x a Tensor, tuple or dict and the logits a Tensor, dict entry, attribute or tuple item
+(:mod:`jacfast.model_io`); sequence logits (B, L, C) with ``positions=`` take K' = P * Kp rows
+per sample (:mod:`jacfast.sequence`). The strategies below differentiate the model as a
+function of the differentiated input alone. ``create_graph=True`` runs the forward with the
+SDPA math kernel (the fused CPU/GPU attention kernels have no double backward) and refuses a
+``torch.compile``'d model (aot_autograd has no double backward) with a message; on meeting a
+compiled model jacfast turns ``torch._functorch.config.donated_buffer`` off for the process
+(the K retained backward passes need the saved tensors that it would free).
+
 ``input_jacobians(model, x, select)`` runs ``model`` on ``x`` (B, *input_dims) once, picks
 K outputs per sample with ``select`` and returns
 

@@ -42,6 +42,12 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
+def _fn_key(fn):
+    """A function by its code (an inline lambda is a new object at every call, the same code),
+    anything else (a str, an int, a module) by itself."""
+    return getattr(fn, "__code__", fn)
+
+
 def _short(v) -> str:
     return f"Tensor{tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
 
@@ -81,7 +87,7 @@ class BoundCall:
             entries = self._x.items() if isinstance(self._x, dict) else enumerate(self._x)
             extra = tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, type(v).__name__)
                           for k, v in entries)
-        return (self.call.outputs, self.call.inputs, extra, self.adapter)
+        return (_fn_key(self.call.outputs), self.call.inputs, extra, _fn_key(self.adapter))
 
     def raw(self, xd: Tensor):
         """What the model returns when ``xd`` replaces the differentiated input."""

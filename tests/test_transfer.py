@@ -194,3 +194,34 @@ def test_attention_map_shapes():
     assert attention_map(torch.randn(2, 4, 7), 2).shape == (2, 7)
     with pytest.raises(ValueError):
         attention_map(torch.randn(2, 4))
+
+
+class DictNet(Net):
+    """Net called as ``model(pixels=x, scale=s)`` returning ``{"logits": ...}``; ``scale`` (B,) int rides along."""
+
+    def forward(self, pixels, scale):
+        return {"logits": super().forward(pixels * scale.to(pixels.dtype)[:, None, None, None])}
+
+
+@pytest.mark.parametrize("estimator", ["exact", "finite_difference"])
+def test_dict_inputs_and_outputs_match_the_tensor_models(estimator):
+    teacher, student = nets()
+    dt, ds = DictNet(6, 8), DictNet(3, 4, stride1=2)
+    dt.load_state_dict(teacher.state_dict())
+    ds.load_state_dict(student.state_dict())
+    dt, ds = dt.double(), ds.double()
+    x, y = data()
+    kw = dict(layers=["block1", "block2"], estimator=estimator, backend="torch")
+    scale = torch.tensor([1, 2, 3])  # passed through, an integer tensor
+    # Rows of f(x * s) wrt x are s times those of f at x * s: the normalized kind does not see
+    # the factor, so the loss equals the tensor models' at x * s.
+    want = TransferLoss(teacher, student, **kw)(x * scale[:, None, None, None], y)
+    got = TransferLoss(dt, ds, outputs="logits", inputs="pixels", **kw)({"pixels": x, "scale": scale}, y)
+    for name in ("total", "ce", "activation", "attention", "jacobian"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-12)
+    # finite differences: steps relative to ||x_b|| differ by s_b, O(step^2) ~ 1e-10 in float64
+    tol = 1e-8 if estimator == "exact" else 1e-6
+    torch.testing.assert_close(param_grad(got.total, ds), param_grad(want.total, student), rtol=tol, atol=tol * 1e-2)
+    scale1 = scale
+    with pytest.raises(TypeError, match=r"x\['scale'\] \(inputs='scale'\) must have a floating dtype"):
+        TransferLoss(dt, ds, outputs="logits", inputs="scale", **kw)({"pixels": x, "scale": scale1}, y)

@@ -53,8 +53,10 @@ def _first_order_rows(values: Tensor, x_in: Tensor) -> Tensor:
 
 
 def _attach(value: Tensor, surrogate: Tensor) -> Tensor:
-    """``value`` in the forward, ``surrogate``'s gradient in the backward."""
-    return value.detach().to(surrogate.dtype) + (surrogate - surrogate.detach())
+    """``value`` in the forward, ``surrogate``'s gradient in the backward, in the wider of their
+    dtypes (under autocast the surrogate comes out in bf16/fp16, the value in float32)."""
+    wide = torch.promote_types(value.dtype, surrogate.dtype)
+    return value.detach().to(wide) + (surrogate - surrogate.detach()).to(wide)
 
 
 def _jm():
