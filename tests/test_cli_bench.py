@@ -70,7 +70,7 @@ def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
 
 
 def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
-    from jacfast.bench import report, training_step
+    from jacfast.bench import report, sequence_step, training_step
     from jacfast.jacobians import STRATEGIES
 
     (sel_path,) = smoke_results.glob("selection-smoke-*.json")
@@ -91,7 +91,9 @@ def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
         assert auto["vs_best_fixed"] > 0 and auto["best_fixed"] in STRATEGIES
 
     rows = step["rows"]
-    assert [r["provider"] for r in rows] == list(training_step.PROVIDERS) * len({r["k"] for r in rows})
+    cnn = [r for r in rows if r["op"] == "training_step"]  # then the transformer's (sequence_step)
+    assert [r["provider"] for r in cnn] == list(training_step.PROVIDERS) * len({r["k"] for r in cnn})
+    assert [r["provider"] for r in rows if r["op"] == "sequence_step"] == list(sequence_step.PROVIDERS)
     assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
     for r in rows:  # the bootstrap interval brackets the paired ratio it is an interval of
         lo, hi = r["speedup_vs_naive_paired_ci95"]

@@ -187,7 +187,9 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
             rows_out.append(row)
             if progress is not None:
                 progress(row)
-    return rows_out
+    from jacfast.bench import sequence_step  # the transformer language model's rows (issue 23)
+
+    return rows_out + sequence_step.run(suite, device, progress=progress, budget=budget)
 
 
 def table(rows: list[dict]) -> str:

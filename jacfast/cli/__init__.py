@@ -1,4 +1,4 @@
-"""Command line: ``python -m jacfast {bench,check,distill,transfer,robustness}``."""
+"""Command line: ``python -m jacfast {bench,check,distill,transfer,robustness,text}``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ def main(argv=None) -> int:
         "benchmarks and the paper's experiments.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in ("bench", "check", "train"):
+    for module in ("bench", "check", "train", "text"):
         importlib.import_module(f"jacfast.cli.{module}").register(subparsers)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)

@@ -1,4 +1,4 @@
-"""Small teacher and student families for 1x28x28 inputs (Fashion-MNIST, MNIST digits).
+"""Small CNN teacher and student families for 1x28x28 inputs (Fashion-MNIST, MNIST digits).
 
 - :class:`VGGTeacher`: a wider VGG-style network (two 3x3 convs per block).
 - :class:`ResNetStudent`: a narrower ResNet-style network (a different architecture).
