@@ -114,9 +114,14 @@ def _selections():
 
 
 def input_jacobians(model, x, selection, *, create_graph=False, strategy="auto"):
-    """``jacfast.jacobians.input_jacobians`` (imported when first used)."""
+    """``jacfast.jacobians.input_jacobians`` (imported when first used); ``"auto"`` also
+    chooses the input layout (:func:`jacfast.fast_rows.fast_input_jacobians`)."""
     from jacfast.jacobians import input_jacobians as impl
 
+    if strategy == "auto":
+        from jacfast.fast_rows import fast_input_jacobians
+
+        return fast_input_jacobians(model, x, selection, create_graph=create_graph)
     return impl(model, x, selection, create_graph=create_graph, strategy=strategy)
 
 
