@@ -5,11 +5,12 @@ extended to a second choice: the memory format the model sees its input in. For 
 (B, C, H, W) on a CPU or GPU, convolutions in ``torch.channels_last`` (NHWC) often run much
 faster than in the default NCHW layout: oneDNN on a CPU reorders an NCHW activation at every
 convolution and its grad-input kernels for strided convolutions are slow; cuDNN's tensor-core
-kernels want NHWC. Measured here on the training-step benchmark's teacher (3 conv + BN + ReLU
-blocks, widths 64/128/256, 3x32x32, B = 64; 1 thread, CPU time): forward 127 -> 77 ms... the
-grad-input pass per row 207 -> 150 ms. The student's double backward (BatchNorm's
-double-backward composite) is slower in NHWC on the same CPU, so the layout is not forced: it
-is timed per model.
+kernels want NHWC. Measured on the training-step benchmark's teacher (3 conv + BN + ReLU
+blocks, widths 64/128/256, 3x32x32, B = 64, eval mode; 1 thread, CPU time, on a loaded
+2-core EPYC): one forward and 5 grad-input passes 1162 -> 880 ms; the stride-2 convolutions'
+grad-input 74 -> 47 ms and 50 -> 44 ms. The student's double backward (BatchNorm's
+double-backward composite) ran 0.68x as fast in NHWC on the same CPU, so the layout is
+timed per model.
 
 Only the input is converted (``x.contiguous(memory_format=torch.channels_last)``); the
 model's parameters are untouched, and PyTorch propagates the format through convolutions,
@@ -22,7 +23,9 @@ Choice: on the first call for a key (model, input shape, K, device, dtype, creat
 training mode), every (strategy, layout) pair runs 3 round-robin rounds (each one's fastest
 run; with ``create_graph=True`` including the double backward to the parameters), buffers and
 RNG state restored around the trials as in :mod:`jacfast.jacobians`; the fastest pair is kept
-in :data:`layout_cache`. K = 1 and non-4-D inputs time the layouts only with the loop strategy.
+in :data:`layout_cache`. Candidates: loop and batched in both layouts (4-D inputs on a CPU or
+GPU; else contiguous only), replicate contiguous (its reshape of the repeated batch makes it
+contiguous anyway); K = 1: the loop in both layouts.
 """
 from __future__ import annotations
 
@@ -54,10 +57,13 @@ def candidates(model, x: Tensor, rows: Optional[int]) -> list[tuple[str, str]]:
     """(strategy, layout) pairs worth timing for this call."""
     layouts = list(LAYOUTS) if isinstance(x, Tensor) and x.dim() == 4 and x.device.type in ("cpu", "cuda") \
         else ["contiguous"]
-    strategies = ["loop"] if rows == 1 else ["loop", "batched"]
+    pairs = [("loop", lay) for lay in layouts]
+    if rows != 1:
+        pairs += [("batched", lay) for lay in layouts]
+    # replicate reshapes the repeated batch, which makes it contiguous again: one layout only
     if rows not in (None, 1) and isinstance(model, nn.Module) and _jac._replicate_blocker(model) is None:
-        strategies.append("replicate")
-    return [(s, lay) for s in strategies for lay in layouts]
+        pairs.append(("replicate", "contiguous"))
+    return pairs
 
 
 class LayoutChoice(_jac.StrategyChoice):
