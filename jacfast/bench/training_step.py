@@ -46,8 +46,9 @@ import torch.nn.functional as F
 
 from jacfast import reference
 from jacfast.bench.selection import _sync, _timing_fields, small_cnn, timing_for
-from jacfast.bench.timing import (TimeBudget, measure_interleaved, paired_ratio, paired_ratio_interval, peak_bytes,
+from jacfast.bench.timing import (TimeBudget, device_name, measure_interleaved, paired_ratio, paired_ratio_interval, peak_bytes,
                                   rotation_count)
+from jacfast.fast_rows import layout_cache
 from jacfast.jacobians import strategy_cache
 from jacfast.losses import DistillationLoss
 from jacfast.teacher_cache import TeacherCache
@@ -58,7 +59,8 @@ SETUPS = {
     "smoke": {"batch": 4, "shape": (3, 8, 8), "width": 2, "ks": (2,), "classes": 10},
 }
 TEACHER_WIDTH = 4  # teacher width / student width
-PROVIDERS = ("kd-floor", "naive-loop", "jacfast-exact", "jacfast-fd", "jacfast-fd-forward", "jacfast-cache")
+PROVIDERS = ("kd-floor", "naive-loop", "jacfast-exact", "jacfast-fd", "jacfast-fd-forward", "jacfast-cache",
+             "jacfast-proj1", "jacfast-every4")
 BETA, TEMPERATURE, LR = 1.0, 4.0, 0.01
 
 
@@ -87,39 +89,103 @@ def naive_loss(student, teacher, x, y, k):
     return _kd(s_logits, t_logits.detach(), y) + BETA * jac
 
 
-def _step_fn(name, student, teacher, data, k, cache=None):
-    """fn(i): one SGD step of provider ``name`` on rotated batch i; returns the loss value."""
+EVERY = 4  # the every-n-th-step provider's n
+
+
+def projected_loss(student, teacher, x, y, projections: int, generator: torch.Generator):
+    """CE + KD + beta * normalized matching of ``projections`` random Rademacher projections
+    v^T J of the teacher's and the student's Jacobians, the same v for both (two generators
+    seeded alike); cost independent of K."""
+    from jacfast.fast_rows import fast_input_jacobians
+    from jacfast.jacobians import select
+    from jacfast.loss import jacobian_matching_loss
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def probe():
+        return select.projections(projections, generator=torch.Generator(x.device).manual_seed(seed))
+    t_logits, t_jac, _ = fast_input_jacobians(teacher, x, probe())
+    s_logits, s_jac, _ = fast_input_jacobians(student, x, probe(), create_graph=True)
+    jac = jacobian_matching_loss(s_jac, t_jac.to(s_jac.dtype), kind="normalized", weight=BETA)
+    return _kd(s_logits, t_logits, y) + jac
+
+
+def _loss_fn(name, student, teacher, data, k, cache=None):
+    """loss(i): provider ``name``'s differentiable step loss on rotated batch i, and a dict
+    ``extra`` whose "bytes" are the numpy-owned bytes of the last cache lookup."""
     xs, ys = data
     sets = len(xs)
-    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
     est = {"jacfast-exact": "exact", "jacfast-fd": "finite_difference", "jacfast-fd-forward": "finite_difference",
-           "jacfast-cache": "exact"}.get(name)
+           "jacfast-cache": "exact", f"jacfast-every{EVERY}": "exact"}.get(name)
     scheme = "forward" if name == "jacfast-fd-forward" else "central"
     loss_fn = DistillationLoss(teacher, k=k, beta=BETA, temperature=TEMPERATURE, estimator=est, fd_scheme=scheme,
                                strategy="auto") if est else None
+    # every-n: beta * n on every n-th step, plain KD between: the gradient averaged over n steps is the exact one
+    sparse = DistillationLoss(teacher, k=k, beta=BETA * EVERY, temperature=TEMPERATURE, strategy="auto")
+    kd_only = DistillationLoss(teacher, k=k, beta=0.0, temperature=TEMPERATURE)
+    gen = torch.Generator(device=xs[0].device).manual_seed(0)
     batch = xs[0].shape[0]
-    extra = {"bytes": 0}  # numpy-owned bytes of the cache lookup, for the memory figure
+    extra = {"bytes": 0}
 
-    def step(i):
+    def loss(i):
         x, y = xs[i % sets], ys[i % sets]
         if name == "kd-floor":
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss = _kd(student(x), t_logits, y)
-        elif name == "naive-loop":
-            loss = naive_loss(student, teacher, x, y, k)
-        elif name == "jacfast-cache":
+            return _kd(student(x), t_logits, y)
+        if name == "naive-loop":
+            return naive_loss(student, teacher, x, y, k)
+        if name == "jacfast-cache":
             start = (i % sets) * batch
             t = cache[torch.arange(start, start + batch)]  # what a loader over WithIndices gives
             extra["bytes"] = sum(v.nbytes for v in t if v is not None) if x.device.type == "cpu" else 0
-            loss = loss_fn(student, x, y, teacher_outputs=t).total
-        else:
-            loss = loss_fn(student, x, y).total
+            return loss_fn(student, x, y, teacher_outputs=t).total
+        if name == "jacfast-proj1":
+            return projected_loss(student, teacher, x, y, 1, gen)
+        if name == f"jacfast-every{EVERY}":
+            return (sparse if i % EVERY == 0 else kd_only)(student, x, y).total
+        return loss_fn(student, x, y).total
+    return loss, extra
+
+
+def _step_fn(name, student, teacher, data, k, cache=None):
+    """fn(i): one SGD step of provider ``name`` on rotated batch i; returns the loss value."""
+    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
+    loss_fn, extra = _loss_fn(name, student, teacher, data, k, cache)
+
+    def step(i):
+        loss = loss_fn(i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach()
     return step, extra
+
+
+def _flat_grad(student) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for p in student.parameters()])
+
+
+def gradient_errors(base_student, teacher, data, k, cache=None) -> dict:
+    """{provider: ||g - g64|| / ||g64||}: each provider's parameter gradient of its step loss on
+    batch 0 (fresh copy of the initial student) against the float64 exact gradient of the
+    naive loop's loss on the same batch and weights. every-n: the RMS over the n steps of a
+    cycle (same weights, batch 0), each step's own gradient against the exact one."""
+    xs, ys = data
+    s64, t64 = copy.deepcopy(base_student).double(), copy.deepcopy(teacher).double()
+    naive_loss(s64, t64, xs[0].double(), ys[0], k).backward()
+    ref = _flat_grad(s64)
+    out = {}
+    for name in PROVIDERS:
+        errs = []
+        for step in range(EVERY if name == f"jacfast-every{EVERY}" else 1):
+            student = copy.deepcopy(base_student)
+            loss_fn, _ = _loss_fn(name, student, teacher, ([xs[0]], [ys[0]]), k, cache)
+            loss_fn(step).backward()
+            errs.append(float((_flat_grad(student) - ref).norm() / ref.norm()))
+        out[name] = (sum(e * e for e in errs) / len(errs)) ** 0.5
+    return out
 
 
 def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | None = None,
@@ -144,6 +210,7 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
                                        torch.cat(ys).cpu()), select="topk", k=k, batch_size=batch, device=device,
                                        progress=False)
             cache_build = time.perf_counter() - t0
+            grad_err = gradient_errors(base_student, teacher, (xs, ys), k, cache)
             students = {name: copy.deepcopy(base_student) for name in PROVIDERS}
             steps, extras, first = {}, {}, {}
             for name in PROVIDERS:
@@ -161,7 +228,8 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
                 except Exception as exc:  # noqa: BLE001  (no memory figure rather than no timing)
                     warnings.warn(f"peak memory of {name} not measured: {exc}")
                     peaks[name] = None
-            chosen = {role: sorted({c.strategy for c in strategy_cache.choices(m).values()})
+            chosen = {role: sorted({f"{c.strategy}/{c.layout}" for c in layout_cache.choices(m).values()}
+                                   | {c.strategy for c in strategy_cache.choices(m).values()})
                       for role, m in (("teacher", teacher), ("student", students["jacfast-exact"]))}
             del cache
         naive, floor = timings["naive-loop"].median, timings["kd-floor"].median
@@ -169,7 +237,8 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
         strategies = f"teacher={','.join(chosen['teacher']) or '-'} student={','.join(chosen['student']) or '-'}"
         for name in PROVIDERS:
             t, peak = timings[name], peaks[name]
-            row = {"op": "training_step", "batch": batch, "input": "x".join(map(str, shape)), "student_width": width,
+            row = {"op": "training_step", "device": device_name(device), "threads": torch.get_num_threads(),
+                   "batch": batch, "input": "x".join(map(str, shape)), "student_width": width,
                    "teacher_width": TEACHER_WIDTH * width, "k": k, "provider": name, **_timing_fields(t),
                    "speedup_vs_naive": naive / t.median,
                    "speedup_vs_naive_paired": paired_ratio(raw, "naive-loop", name),
@@ -179,6 +248,7 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
                    "memory_vs_naive": None if peak is None or not naive_peak else peak / naive_peak,
                    "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else
                    "torch.profiler CPU allocator events",
+                   "grad_rel_err": grad_err[name], "grad_reference": "float64 exact (naive loop's loss)",
                    "first_step_ms": first[name][1] * 1e3, "first_loss": first[name][0],
                    "loss_rel_diff_vs_naive": (None if name == "kd-floor" else
                                               abs(first[name][0] - naive_loss_value) / abs(naive_loss_value)),
@@ -193,9 +263,9 @@ def run(suite: str, device: torch.device, *, progress=None, cache_dir: str | Non
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| B | input | K | provider | median ms | p20-p80 ms | x naive loop | same, paired by round [95% CI] "
-             "| x KD floor | peak MB | memory / naive |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| B | input | K | threads | provider | median ms | p20-p80 ms | x naive loop | same, paired by round [95% CI] "
+             "| x KD floor | peak MB | memory / naive | grad rel. err |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mb = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
         mem = "" if r["memory_vs_naive"] is None else f"{r['memory_vs_naive']:.2f}"
@@ -203,7 +273,8 @@ def table(rows: list[dict]) -> str:
         if r.get("speedup_vs_naive_paired_ci95"):
             lo, hi = r["speedup_vs_naive_paired_ci95"]
             paired += f" [{lo:.2f}, {hi:.2f}]"
-        lines.append(f"| {r['batch']} | {r['input']} | {r['k']} | {r['provider']} | {r['median_ms']:.1f} | "
-                     f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {r['speedup_vs_naive']:.2f} | {paired} | "
-                     f"{r['vs_floor']:.2f} | {mb} | {mem} |")
+        err = "" if r.get("grad_rel_err") is None else f"{r['grad_rel_err']:.1e}"
+        lines.append(f"| {r['batch']} | {r['input']} | {r['k']} | {r.get('threads', '')} | {r['provider']} | "
+                     f"{r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {r['speedup_vs_naive']:.2f} | "
+                     f"{paired} | {r['vs_floor']:.2f} | {mb} | {mem} | {err} |")
     return "\n".join(lines)
