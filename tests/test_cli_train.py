@@ -102,6 +102,9 @@ def test_each_distill_method_builds_its_own_loss():
         loss, got = make_loss(method, teacher, args, sigma=0.2)
         assert isinstance(loss, SquaredErrorDistillation), method
         assert (loss.noise_sigma, got) == (sigma, cache) and loss.jacobian_weight == pytest.approx(weight), method
+        assert loss.projections is None
+    loss, cache = make_loss("sq+jac", teacher, SimpleNamespace(noise_sigma=0.1, jacobian_projections=2))
+    assert (loss.projections, cache, loss.jacobian_weight) == (2, None, pytest.approx(0.01))
     with pytest.raises(ValueError, match="unknown distillation method"):
         make_loss("kd+jac", teacher, args)
 
@@ -134,6 +137,13 @@ def test_squared_error_distillation_against_autograd():
     g_ref = torch.autograd.grad(ce + sq + 0.3 * jac_ref, list(s.parameters()))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+    torch.manual_seed(4)
+    total, comps = SquaredErrorDistillation(t, jacobian_weight=0.3, projections=3)(s, x, y)
+    torch.manual_seed(4)
+    v = torch.randint(0, 2, (3, 6, 3)).double() * 2 - 1  # the loss's draw, replayed
+    dj = _full_jacobian(s, x) - _full_jacobian(t, x)
+    torch.testing.assert_close(comps["jacobian"], torch.einsum("kbc,bcd->bkd", v, dj).pow(2).sum((1, 2)).mean() / 3)
+    torch.testing.assert_close(total, ce + sq + 0.3 * comps["jacobian"])
     torch.manual_seed(3)
     total, comps = SquaredErrorDistillation(t, noise_sigma=0.5)(s, x, y)
     torch.manual_seed(3)
@@ -142,6 +152,8 @@ def test_squared_error_distillation_against_autograd():
     torch.testing.assert_close(total, ce + comps["sq"])
     with pytest.raises(ValueError, match="noise_sigma"):
         SquaredErrorDistillation(t, noise_sigma=-1.0)
+    with pytest.raises(ValueError, match="projections"):
+        SquaredErrorDistillation(t, projections=0)
 
 
 def test_projected_jacobian_distillation_matches_its_definition():

@@ -104,17 +104,19 @@ difference against kd (same subset and seed) with a 95% paired-t interval.
 
 example:  python -m jacfast distill --out experiments/distill""")
     _common(p, os.path.join("experiments", "distill"))
-    p.add_argument("--n", type=int, nargs="+", default=[1, 5, 20], help="examples per class (default 1 5 20)")
+    p.add_argument("--n", type=int, nargs="+", default=[1, 5], help="examples per class (default 1 5)")
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS), metavar="METHOD",
                    help="run at every n; from: " + " ".join(ALL_METHODS) + " (default: " + " ".join(METHODS) + ")")
     p.add_argument("--rq5-methods", nargs="*", choices=ALL_METHODS, default=list(RQ5_METHODS), metavar="METHOD",
                    help="run at --rq5-n only, and timed (default: " + " ".join(RQ5_METHODS) + ")")
     p.add_argument("--rq5-n", type=int, default=5, help="examples per class of the RQ5 comparison (default 5)")
-    p.add_argument("--steps", type=int, default=200, help="student optimizer steps per run (default 200)")
+    p.add_argument("--steps", type=int, default=100, help="student optimizer steps per run (default 100)")
     _distill_weights(p)
     p.add_argument("--noise-sigma", type=float, default=0.1,
                    help="sigma of the noise estimator and of sq-noise / sq+jac (default 0.1)")
-    p.add_argument("--timing-rounds", type=int, default=10, help="interleaved rounds of the RQ5 timing (default 10)")
+    p.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds of the RQ5 timing (default 5)")
+    p.add_argument("--jacobian-projections", type=int, default=0,
+                   help="sq+jac: estimate ||J_s - J_t||_F^2 from K random projections (default 0: all outputs)")
     p.set_defaults(run=_lazy("distill", p, "distill"))
 
     p = subparsers.add_parser("prop1", formatter_class=fmt, help="Proposition 1: input noise vs Jacobian matching",
@@ -122,8 +124,9 @@ example:  python -m jacfast distill --out experiments/distill""")
 Proposition 1: E||f_s(x+e) - f_t(x+e)||^2 = ||f_s(x) - f_t(x)||^2 + sigma^2 ||J_s - J_t||_F^2 + O(sigma^4)
 for e ~ N(0, sigma^2 I). Training, at n per class and each sigma: CE + squared-error
 distillation on noisy inputs (sq-noise) against CE + clean squared-error distillation +
-sigma^2 * squared matching of the full Jacobians (sq+jac, no reweighting), and CE + clean
-squared error (sq); paired differences. Then a Monte-Carlo check of both sides at the
+sigma^2 * ||J_s - J_t||_F^2 (sq+jac, no reweighting; by default estimated from one random
+projection per sample and step, unbiased like the single noise draw of sq-noise; see
+--jacobian-projections), and CE + clean squared error (sq); paired differences. Then a Monte-Carlo check of both sides at the
 trained (teacher, sq student) pairs, with standard errors. The teacher: --teacher, else
 experiments/distill/teacher.pt when it exists, else one trained into OUT/teacher.pt.
 
@@ -131,7 +134,10 @@ example:  python -m jacfast prop1 --out experiments/prop1""")
     _common(p, os.path.join("experiments", "prop1"))
     p.add_argument("--n", type=int, default=5, help="examples per class (default 5)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="noise levels (default 0.05 0.1 0.2)")
-    p.add_argument("--steps", type=int, default=200, help="student optimizer steps per run (default 200)")
+    p.add_argument("--steps", type=int, default=100, help="student optimizer steps per run (default 100)")
+    p.add_argument("--jacobian-projections", type=int, default=1,
+                   help="sq+jac: K random Rademacher projections per sample and step, an unbiased estimate of "
+                   "||J_s - J_t||_F^2 (default 1; 0: all 10 outputs, exact, ~10x the cost)")
     p.add_argument("--mc-images-per-class", type=int, default=10,
                    help="test images per class of the Monte-Carlo check (default 10)")
     p.add_argument("--mc-pairs", type=int, default=64, help="antithetic noise pairs per image (default 64)")

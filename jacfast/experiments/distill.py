@@ -41,19 +41,26 @@ class SquaredErrorDistillation(nn.Module):
     input Jacobians (all outputs). Proposition 1: the noisy squared error's expectation is the
     clean one + sigma^2 ||J_S - J_T||_F^2 + O(sigma^4), so ``sq-noise`` (noise sigma, weight 0)
     and ``sq+jac`` (no noise, weight sigma^2) should train alike.
+    ``projections=K`` replaces ||J_S - J_T||_F^2 by (1/K) sum_k ||v_k^T (J_S - J_T)||^2 with fresh
+    Rademacher v_k (entries +-1) per sample and call, the same for teacher and student: an unbiased
+    single-draw estimate, as the noisy side is of its expectation, at the cost of K rows per
+    network instead of C (the teacher then runs live). None: all C rows, exact.
     Call: ``loss(student, x (B, ...), y (B,), teacher_outputs=None) -> (total, {"ce", "sq", "jacobian", "logits"})``;
-    teacher_outputs (a cache's, select "all" when jacobian_weight > 0) replaces the clean teacher pass.
+    teacher_outputs (a cache's, select "all" for the exact Jacobian term) replaces the clean teacher pass.
     """
 
-    def __init__(self, teacher, *, noise_sigma: float = 0.0, jacobian_weight: float = 0.0):
+    def __init__(self, teacher, *, noise_sigma: float = 0.0, jacobian_weight: float = 0.0, projections=None):
         super().__init__()
         if not noise_sigma >= 0 or not jacobian_weight >= 0:
             raise ValueError(f"noise_sigma and jacobian_weight must be >= 0, got {noise_sigma!r}, {jacobian_weight!r}")
+        if projections is not None and (isinstance(projections, bool) or not isinstance(projections, int)
+                                        or projections < 1):
+            raise ValueError(f"projections must be a positive int or None (all outputs), got {projections!r}")
         self.__dict__["teacher"] = teacher  # not a submodule (the trainer may swap in a wrapper)
-        self.noise_sigma, self.jacobian_weight = float(noise_sigma), float(jacobian_weight)
+        self.noise_sigma, self.jacobian_weight, self.projections = float(noise_sigma), float(jacobian_weight), projections
 
     def extra_repr(self) -> str:
-        return f"noise_sigma={self.noise_sigma}, jacobian_weight={self.jacobian_weight}"
+        return f"noise_sigma={self.noise_sigma}, jacobian_weight={self.jacobian_weight}, projections={self.projections}"
 
     def forward(self, student, x, y, teacher_outputs=None):
         from jacfast import loss as jm
@@ -61,7 +68,15 @@ class SquaredErrorDistillation(nn.Module):
 
         B, zero = x.shape[0], x.new_zeros(())
         jac = zero
-        if self.jacobian_weight > 0:
+        if self.jacobian_weight > 0 and self.projections is not None:
+            with torch.no_grad():
+                classes = self.teacher(x[:1]).shape[1]
+            v = torch.randint(0, 2, (self.projections, B, classes), device=x.device).to(x.dtype).mul_(2).sub_(1)
+            t_logits, t_jac, _ = input_jacobians(self.teacher, x, select.projections(self.projections, vectors=v))
+            logits, s_jac, _ = input_jacobians(student, x, select.projections(self.projections, vectors=v),
+                                               create_graph=True)
+            jac = jm.jacobian_matching_loss(s_jac, t_jac.to(s_jac.dtype), kind="squared") / self.projections
+        elif self.jacobian_weight > 0:
             if teacher_outputs is not None:
                 t_logits, t_jac = teacher_outputs.logits, teacher_outputs.jac
             else:
@@ -167,7 +182,9 @@ def make_loss(method: str, teacher, args, sigma: float = None):
     if method == "sq-noise":
         return SquaredErrorDistillation(teacher, noise_sigma=sigma), None
     if method == "sq+jac":
-        return SquaredErrorDistillation(teacher, jacobian_weight=sigma ** 2), _CACHE_SELECT[method]
+        k = getattr(args, "jacobian_projections", 0) or None
+        return (SquaredErrorDistillation(teacher, jacobian_weight=sigma ** 2, projections=k),
+                _CACHE_SELECT[method] if k is None else None)
     raise ValueError(f"unknown distillation method {method!r}; expected one of {ALL_METHODS}")
 
 

@@ -7,7 +7,9 @@ For inputs x + e, e ~ N(0, sigma^2 I):
 
 1. Training: at n examples per class and each sigma, ``sq-noise`` (CE + the noisy squared error)
    against ``sq+jac`` (CE + the clean squared error + sigma^2 * ||J_s - J_t||_F^2, no
-   reweighting), with ``sq`` (CE + the clean squared error) as the reference; the same subsets
+   reweighting; the term from ``--jacobian-projections`` random projections, an unbiased estimate
+   like the one noise draw per step of sq-noise, or exact with 0), with ``sq`` (CE + the clean
+   squared error) as the reference; the same subsets
    and seeds for every method, paired differences with 95% paired-t intervals.
 2. Monte-Carlo at trained pairs (the teacher and each seed's ``sq`` student): per test image,
    LHS = mean over noise draws of ||D(x+e)||^2 - ||D(x)||^2 (D = f_s - f_t; antithetic pairs e,
@@ -109,7 +111,7 @@ def run(args) -> int:
         mc.append({"sigma": s, "units": len(lhs), "lhs_mean": m_l, "lhs_se": statistics.stdev(lhs) / math.sqrt(len(lhs)),
                    "rhs_mean": m_r, "rhs_se": statistics.stdev(rhs) / math.sqrt(len(rhs)),
                    "lhs_minus_rhs": mean_ci([a - b for a, b in zip(lhs, rhs)]), "ratio_of_means": m_l / m_r})
-    md = [_training_table(training, summ) + f" Teacher: {100 * t_acc:.2f}%.", _mc_table(mc, len(args.seeds), len(xm))]
+    md = [_training_table(training, summ, args.jacobian_projections) + f" Teacher: {100 * t_acc:.2f}%.", _mc_table(mc, len(args.seeds), len(xm))]
     C.write(args, "prop1", {"teacher_test_acc": t_acc, "n": n, "runs": results,
                             "summary": [{"method": m, **s} for m, s in summ.items()], "training": training,
                             "monte_carlo": mc},
@@ -118,7 +120,7 @@ def run(args) -> int:
     return 0
 
 
-def _training_table(training, summ) -> str:
+def _training_table(training, summ, k) -> str:
     from jacfast.experiments.stats import fmt
 
     lines = ["| sigma | sq-noise | sq+jac (beta = sigma^2) | sq-noise - sq+jac | sq-noise - sq | sq+jac - sq |",
@@ -127,7 +129,9 @@ def _training_table(training, summ) -> str:
         lines.append(f"| {r['sigma']:g} | {C.pm(r['sq-noise'])} | {C.pm(r['sq+jac'])} | " + " | ".join(
             fmt(r[k]) for k in ("sq-noise - sq+jac", "sq-noise - sq", "sq+jac - sq")) + " |")
     return ("## Training: noisy squared-error distillation vs. clean + sigma^2 Jacobian matching\n\n"
-            + "\n".join(lines) + f"\n\nTest accuracy in % (mean +- std over seeds); sq (clean squared error, no "
+            + "\n".join(lines) + f"\n\nTest accuracy in % (mean +- std over seeds); ||J_s - J_t||_F^2 of sq+jac: "
+            + (f"{k} random Rademacher projection(s) per sample and step (unbiased)" if k else "all 10 outputs (exact)")
+            + f"; sq (clean squared error, no "
             f"Jacobian term): {C.pm(summ['sq'])}. Differences: mean paired difference in points over the same "
             "subsets and seeds [95% CI, paired t].")
 
