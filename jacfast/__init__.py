@@ -27,8 +27,7 @@ from jacfast.registry import BackendUnavailableError, backends
 from jacfast.selection import AllOutputs, ByFunction, Indices, Projections, Selection, Target, TopK, select
 from jacfast.teacher_cache import CacheMismatchError, TeacherCache, TeacherOutputs, WithIndices
 from jacfast.trainers import CheckpointMismatchError, Distiller, SupervisedTrainer, TrainingInterrupted, TransferTrainer
-
-__version__ = "0.1.0"
+from jacfast.version import __version__
 
 __all__ = [
     "AllOutputs", "BackendUnavailableError", "ByFunction", "CacheMismatchError", "DistillationLoss",
