@@ -66,7 +66,7 @@ def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
     pytest.importorskip("matplotlib")
     written = {os.path.basename(p) for p in report.plot(str(tmp_path))}
     linked = {part.split("(")[-1].rstrip(")") for part in section.split() if part.endswith(".png)")}
-    assert linked and {os.path.basename(p) for p in linked} <= written  # the README's plot links resolve
+    assert linked and {os.path.basename(p) for p in linked} <= written  # the generated plot links resolve
 
 
 def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
