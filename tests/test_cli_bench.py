@@ -253,12 +253,12 @@ def test_report_prefers_complete_runs_and_labels_incomplete_ones(tmp_path):
     assert "**Incomplete run** (time budget of 100 s reached)" in section  # the only GPU run: shown, labelled
     write("b.json", _loss_head_result("cuda", "2026-12-01T09:00:00+00:00", rows=((4096, 4096, 1.25),)))
     section = report.performance_section(str(tmp_path))
-    assert "Incomplete" not in section and "/b.json`" in section  # an older complete run wins
+    assert "Incomplete" not in section and "/b.json)" in section  # an older complete run wins
     # GPU targets: the bandwidth column counts R * D >= 1e7 only (1 / 1.25 = 80 %).
     assert "GPU targets" in section and "| normalized | float32 | cuda | 1 | 7.0 | 2.00 | 80 |" in section
     write("c.json", {**_loss_head_result("cuda", "2026-12-01T11:00:00+00:00"), "rows": [
         {**row, "mode": "fwd"} for row in _loss_head_result("cuda", "x")["rows"]]})
-    assert "/b.json`" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped
+    assert "/b.json)" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped
 
 
 def test_report_names_the_gpu_kernels_of_each_row(tmp_path):

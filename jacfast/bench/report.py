@@ -135,12 +135,13 @@ def loss_head_targets(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _env_line(result: dict, folder: str) -> str:
+def _env_line(result: dict, link_root: str) -> str:
     env = result["environment"]
-    rel = os.path.relpath(result["path"], os.path.dirname(folder.rstrip("/")) or ".")
+    link = _link(os.path.dirname(result["path"]), os.path.basename(result["path"]), link_root)
     allocator = f", allocator: {env['allocator']}" if env.get("allocator") else ""
     line = (f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}, revision {env['git_revision']}, "
-            f"{env['timestamp']}{allocator} (suite `{result['suite']}`, file `{rel}`).")
+            f"{env['timestamp']}{allocator} (suite `{result['suite']}`, file "
+            f"[`{os.path.basename(result['path'])}`]({link})).")
     if not is_complete(result):
         line += (f" **Incomplete run** ({result.get('stopped') or 'stopped early'}): the tables show the "
                  f"{len(result['rows'])} rows it measured.")
@@ -150,7 +151,7 @@ def _env_line(result: dict, folder: str) -> str:
 def _selection_part(device: str, result: dict, folder: str, link_root: str) -> list[str]:
     from jacfast.bench.selection import strategy_table, topk_table
 
-    return [f"### Input-Jacobian selection on {device}", "", _env_line(result, folder), "",
+    return [f"### Input-Jacobian selection on {device}", "", _env_line(result, link_root), "",
             "Top-k seeds: the fused op against `torch.topk` + `zeros().scatter_` (one-hot seeds (K, B, C)).", "",
             topk_table(result["rows"]), "",
             "`input_jacobians` strategies on a small CNN: teacher rows (`create_graph=False`, eval mode) and student "
@@ -165,7 +166,7 @@ def _training_step_part(key: tuple, result: dict, folder: str, link_root: str) -
     r0 = result["rows"][0]
     device, allocator = key
     title = f"### Distillation training step on {device}" + (f", allocator: {allocator}" if allocator else "")
-    return [title, "", _env_line(result, folder), "",
+    return [title, "", _env_line(result, link_root), "",
             f"One SGD step of CE + KD + Jacobian matching (teacher {r0['teacher_width']} wide, student "
             f"{r0['student_width']}, input {r0['input']}, B = {r0['batch']}, the teacher's top-K outputs); peak memory "
             f"above the step's start ({r0['memory_method']}).", "", table(result["rows"]), "",
@@ -187,7 +188,7 @@ def performance_section(folder: str, link_root: str | None = None) -> str:
     if not chosen and not any(others.values()):
         parts.append("No benchmark results are committed yet.")
     for device, result in sorted(chosen.items(), key=lambda kv: kv[1]["environment"]["device_type"]):
-        parts += [f"### Loss head on {device}", "", _env_line(result, folder), "",
+        parts += [f"### Loss head on {device}", "", _env_line(result, link_root), "",
                   "fwd+bwd of `jacobian_matching_loss` (mean reduction) through autograd; the floor is reading "
                   "student and teacher once and writing the gradient, at the copy bandwidth of the same run; GB/s "
                   "counts that traffic; peak memory above the inputs.", "",
