@@ -288,12 +288,12 @@ def test_bench_names_the_triton_kernels(monkeypatch):
     from jacfast import registry
     from jacfast.bench import loss_head
 
-    if not registry._status_for("triton", "cpu").available:
+    if not registry.status_for("triton", "cpu").available:
         pytest.skip("no Triton interpreter here")
     cpu = torch.device("cpu")
     assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "fused split rows"
     assert loss_head._kernel_path("triton", 64, 3072, torch.float32, "normalized", cpu) == "fused rows"
-    monkeypatch.setattr(importlib.import_module("jacfast.kernels.triton_jacobian_matching_fused"), "FUSE_SPLIT_ROWS",
+    monkeypatch.setattr(importlib.import_module("jacfast.kernels.triton_jacobian_matching.fused"), "FUSE_SPLIT_ROWS",
                         False)
     assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "forward then backward"
 
