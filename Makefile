@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 export JACFAST_BUILD_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: venv build test bench check compat compat-python data experiments clean
+.PHONY: venv build test bench check install-check docs compat compat-python data experiments clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements-dev.txt
@@ -33,6 +33,30 @@ bench: build
 
 check: build
 	$(PY) -m jacfast check
+
+# `pip install .` as a user runs it: a fresh venv (no --system-site-packages), torch installed
+# first, then the CPU build from a copy of the working tree's files (no editable install, no
+# in-place .so, no build/ left from an earlier build), then `jacfast check` and the installed
+# package's tests from outside the source tree. A fresh torch, not .venv's: a
+# --system-site-packages venv sees the base interpreter's site-packages, never .venv's (no torch).
+# Cost: torch's wheels (about 5 GB installed) and one CPU build; 17.5 min wall on 2 cores shared
+# with a load of 8, 5.5 min of CPU time.
+INSTALL_CHECK_DIR ?= $(or $(TMPDIR),/tmp)/jacfast-install-check
+INSTALL_CHECK_TORCH ?= torch==2.14.1
+install-check:
+	rm -rf $(INSTALL_CHECK_DIR) && mkdir -p $(INSTALL_CHECK_DIR)/src $(INSTALL_CHECK_DIR)/run
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(INSTALL_CHECK_DIR)/src
+	python3 -m venv $(INSTALL_CHECK_DIR)/venv
+	$(INSTALL_CHECK_DIR)/venv/bin/python -m pip install -q $(INSTALL_CHECK_TORCH) "setuptools>=64" wheel ninja pytest
+	cd $(INSTALL_CHECK_DIR)/src && JACFAST_BUILD_CUDA=0 $(INSTALL_CHECK_DIR)/venv/bin/python -m pip install -q --no-build-isolation .
+	cd $(INSTALL_CHECK_DIR)/run && $(INSTALL_CHECK_DIR)/venv/bin/jacfast check
+	cd $(INSTALL_CHECK_DIR)/run && JACFAST_EXPECT_INSTALLED=1 $(INSTALL_CHECK_DIR)/venv/bin/python -m pytest -q \
+		-p no:cacheprovider $(INSTALL_CHECK_DIR)/src/tests/test_packaging.py
+	rm -rf $(INSTALL_CHECK_DIR)
+
+# The plots, docs/performance.md and the README's performance summary, from benchmarks/results.
+docs: venv
+	$(PY) benchmarks/report.py
 
 # The GPU machines' versions (Python 3.12, torch 2.11, triton 3.6) checked on the CPU: both
 # extensions build against them and the test suite passes. Not part of `make test` (a second

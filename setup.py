@@ -1,4 +1,4 @@
-"""Build jacfast and its native kernels.
+"""Build jacfast's native kernels (metadata, version and dependencies: pyproject.toml).
 
 Environment switches (read at build time):
   JACFAST_BUILD_CUDA   auto (default) | 0 | 1. auto builds ``jacfast._C_cuda`` when nvcc
@@ -12,7 +12,7 @@ import os
 import site
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -74,13 +74,6 @@ if _want_cuda():
     )
 
 setup(
-    name="jacfast",
-    version="0.1.0",
-    description="Fused Jacobian-matching losses for knowledge transfer (Srinivas & Fleuret, ICML 2018)",
-    packages=find_packages(include=["jacfast", "jacfast.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm"],
-    extras_require={"triton": ["triton>=3.2"], "plots": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -30,7 +30,7 @@ from jacfast.trainers import CheckpointMismatchError, Distiller, SupervisedTrain
 from jacfast.model_io import ModelCall
 from jacfast.sequence import RowPlan, SamplePositions
 
-__version__ = "0.1.0"
+from jacfast.version import __version__
 
 __all__ = [
     "AllOutputs", "BackendUnavailableError", "ByFunction", "CacheMismatchError", "DistillationLoss",

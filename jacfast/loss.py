@@ -43,10 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from jacfast import reference, registry
+from jacfast.dtypes import FLOAT_DTYPES
 from jacfast.ops import jacobian_matching as ops
 
 REDUCTIONS = ("none", "sum", "mean")
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from jacfast.dtypes import FLOAT_DTYPES  # noqa: F401  (the dtypes a differentiated input may have)
+
 
 
 def describe(value: Any) -> str:

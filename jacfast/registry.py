@@ -62,7 +62,7 @@ def _versions(*modules: str) -> str:
     return ", ".join(f"{m} {getattr(_import(m)[0], '__version__', '?')}" for m in modules)
 
 
-def _status_for(name: str, device_type: str | None) -> BackendStatus:
+def status_for(name: str, device_type: str | None) -> BackendStatus:
     """Status of backend ``name`` for tensors on ``device_type`` (None: anywhere)."""
     if name == "torch":
         return BackendStatus(name, True, "plain PyTorch autograd, any device")
@@ -102,7 +102,7 @@ def _status_for(name: str, device_type: str | None) -> BackendStatus:
 
 def backends() -> dict[str, BackendStatus]:
     """For each backend name: whether it is available on this machine, and why not."""
-    return {name: _status_for(name, None) for name in BACKENDS}
+    return {name: status_for(name, None) for name in BACKENDS}
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -114,10 +114,10 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in order:
-            if _status_for(name, device.type).available:
+            if status_for(name, device.type).available:
                 return name
         return "torch"
-    status = _status_for(backend, device.type)
+    status = status_for(backend, device.type)
     if not status.available:
         raise BackendUnavailableError(f"backend={backend!r} is unavailable: {status.reason}")
     return backend

@@ -29,7 +29,7 @@ def kernel_backends():
     """
     params = []
     for name, device in BACKEND_DEVICE.items():
-        status = registry._status_for(name, device)
+        status = registry.status_for(name, device)
         marks = () if status.available else (pytest.mark.skip(reason=status.reason),)
         params.append(pytest.param(name, torch.device(device), id=name, marks=marks))
     return params
@@ -40,7 +40,7 @@ def second_gpu(backend: str) -> torch.device:
     current one; skips with fewer than two GPUs or without ``backend``."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    status = registry._status_for(backend, "cuda")
+    status = registry.status_for(backend, "cuda")
     if not status.available:
         pytest.skip(status.reason)
     torch.cuda.set_device(0)

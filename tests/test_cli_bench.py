@@ -66,7 +66,7 @@ def test_bench_smoke_writes_results_and_report(smoke_results, tmp_path):
     pytest.importorskip("matplotlib")
     written = {os.path.basename(p) for p in report.plot(str(tmp_path))}
     linked = {part.split("(")[-1].rstrip(")") for part in section.split() if part.endswith(".png)")}
-    assert linked and {os.path.basename(p) for p in linked} <= written  # the README's plot links resolve
+    assert linked and {os.path.basename(p) for p in linked} <= written  # the generated plot links resolve
 
 
 def test_bench_smoke_selection_and_training_step(smoke_results, tmp_path):
@@ -255,12 +255,12 @@ def test_report_prefers_complete_runs_and_labels_incomplete_ones(tmp_path):
     assert "**Incomplete run** (time budget of 100 s reached)" in section  # the only GPU run: shown, labelled
     write("b.json", _loss_head_result("cuda", "2026-12-01T09:00:00+00:00", rows=((4096, 4096, 1.25),)))
     section = report.performance_section(str(tmp_path))
-    assert "Incomplete" not in section and "/b.json`" in section  # an older complete run wins
+    assert "Incomplete" not in section and "/b.json)" in section  # an older complete run wins
     # GPU targets: the bandwidth column counts R * D >= 1e7 only (1 / 1.25 = 80 %).
     assert "GPU targets" in section and "| normalized | float32 | cuda | 1 | 7.0 | 2.00 | 80 |" in section
     write("c.json", {**_loss_head_result("cuda", "2026-12-01T11:00:00+00:00"), "rows": [
         {**row, "mode": "fwd"} for row in _loss_head_result("cuda", "x")["rows"]]})
-    assert "/b.json`" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped
+    assert "/b.json)" in report.performance_section(str(tmp_path))  # a newer run without fwd+bwd rows: skipped
 
 
 def test_report_names_the_gpu_kernels_of_each_row(tmp_path):
@@ -290,12 +290,12 @@ def test_bench_names_the_triton_kernels(monkeypatch):
     from jacfast import registry
     from jacfast.bench import loss_head
 
-    if not registry._status_for("triton", "cpu").available:
+    if not registry.status_for("triton", "cpu").available:
         pytest.skip("no Triton interpreter here")
     cpu = torch.device("cpu")
     assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "fused split rows"
     assert loss_head._kernel_path("triton", 64, 3072, torch.float32, "normalized", cpu) == "fused rows"
-    monkeypatch.setattr(importlib.import_module("jacfast.kernels.triton_jacobian_matching_fused"), "FUSE_SPLIT_ROWS",
+    monkeypatch.setattr(importlib.import_module("jacfast.kernels.triton_jacobian_matching.fused"), "FUSE_SPLIT_ROWS",
                         False)
     assert loss_head._kernel_path("triton", 2, 3072, torch.float32, "normalized", cpu) == "forward then backward"
 

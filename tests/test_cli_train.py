@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jacfast.cli import main
-from test_data import make_fashion_dir
+from helpers import make_fashion_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

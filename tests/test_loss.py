@@ -2,94 +2,14 @@
 import pytest
 import torch
 from conftest import kernel_backends, second_gpu
+from helpers import KINDS, REDUCTIONS, assert_forward_backward_bits, assert_matches_oracle, loss_and_grads, make_pair, rel_err
 
 import jacfast
 from jacfast import reference
 
-KINDS = ("normalized", "squared", "norm")
-REDUCTIONS = ("none", "sum", "mean")
 # Shapes (B, K, *input_dims), or (B, D) with K implicit; odd, prime, D = 1 and an image row.
 SHAPES = [(3, 2, 7), (4, 1, 1), (2, 3, 97), (5, 2, 3, 5, 7), (6, 13), (1, 2, 3, 224, 224)]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-FP_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-def rel_err(out, ref, floor=0.0):
-    """||out - ref|| / max(||ref||, floor) over the whole tensor, in float64.
-
-    ``floor`` is the size of the terms that cancel in ``ref`` where the exact value is ~0
-    (e.g. the normalized-loss gradient at D = 1): relative to 1e-17 every rounding is huge.
-    """
-    out, ref = out.double(), ref.double()
-    den = max(torch.linalg.vector_norm(ref).item(), floor)
-    num = torch.linalg.vector_norm(out - ref).item()
-    return num / den if den > 0 else num
-
-
-def gradient_term_scale(x, kind, reduction, eps):
-    """Norm of one term of the row gradient, e.g. 2 s / ||s||^2 for the normalized loss."""
-    rows = x.double().reshape(x.shape[0], x.shape[1] if x.ndim >= 3 else 1, -1)
-    if kind == "normalized":
-        norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(eps)
-        term = 2 * rows / norms**2
-    else:
-        term = 2 * rows
-    scale = torch.linalg.vector_norm(term).item()
-    return scale / x.shape[0] if reduction == "mean" else scale
-
-
-def loss_and_grads(backend, student, teacher, kind, reduction, grad_out=None, eps=1e-12, teacher_grad=True):
-    """Loss and the gradients of <loss, grad_out> wrt student and (if teacher_grad) teacher."""
-    student = student.detach().clone().requires_grad_(True)
-    inputs = [student]
-    if teacher is not None:
-        teacher = teacher.detach().clone().requires_grad_(teacher_grad)
-        if teacher_grad:
-            inputs.append(teacher)
-    if backend == "oracle":
-        loss = reference.jacobian_matching_loss(student, teacher, kind=kind, reduction=reduction, eps=eps, has_k=student.ndim >= 3)
-    else:
-        loss = jacfast.jacobian_matching_loss(student, teacher, kind=kind, reduction=reduction, eps=eps, backend=backend)
-    if grad_out is None:
-        grad_out = torch.ones_like(loss)
-    grads = torch.autograd.grad(loss, inputs, grad_out.to(loss.dtype))
-    return loss.detach(), list(grads)
-
-
-def make_pair(shape, dtype, device, kind, seed=None):
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    student = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    teacher = None if kind == "norm" else torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    return student, teacher
-
-
-def assert_matches_oracle(backend, student, teacher, kind, reduction, eps=1e-12, *, unit_grad=False, teacher_grad=True):
-    """Loss and gradients of ``backend`` against the float64 oracle at the dtype's tolerance.
-
-    The upstream gradient is random (or all ones with ``unit_grad``); the teacher requires
-    grad unless ``teacher_grad=False`` (the training case, which the CPU backend fuses).
-    """
-    dtype = student.dtype
-    teacher64 = None if teacher is None else teacher.double()
-    ref_loss, _ = loss_and_grads("oracle", student.double(), teacher64, kind, reduction, eps=eps)
-    grad_out = torch.ones_like(ref_loss) if unit_grad else torch.rand_like(ref_loss) + 0.5
-    ref_loss, ref_grads = loss_and_grads("oracle", student.double(), teacher64, kind, reduction, grad_out, eps, teacher_grad)
-    loss, grads = loss_and_grads(backend, student, teacher, kind, reduction, grad_out, eps, teacher_grad)
-    assert loss.dtype == dtype and loss.shape == ref_loss.shape
-    assert all(g.dtype == dtype and g.shape == student.shape for g in grads)
-    if dtype in FP_TOL:
-        tols = [FP_TOL[dtype]] * (1 + len(grads))
-    else:  # half precision: as accurate as the same-dtype PyTorch computation, both against float64
-        same_loss, same_grads = loss_and_grads("oracle", student, teacher, kind, reduction, grad_out, eps, teacher_grad)
-        slack = torch.finfo(dtype).eps
-        floors = [gradient_term_scale(x, kind, reduction, eps) for x in (student, teacher) if x is not None]
-        tols = [rel_err(same_loss, ref_loss) + slack] + [
-            rel_err(g, r, f) + slack for g, r, f in zip(same_grads, ref_grads, floors)
-        ]
-    assert rel_err(loss, ref_loss) <= tols[0], (rel_err(loss, ref_loss), tols[0])
-    for got, ref, tol, x in zip(grads, ref_grads, tols[1:], (student, teacher)):
-        floor = gradient_term_scale(x, kind, reduction, eps)
-        assert rel_err(got, ref, floor) <= tol, (rel_err(got, ref, floor), tol)
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
@@ -122,7 +42,7 @@ def test_cpu_streaming_stores_write_the_same_values(monkeypatch, dtype, kind):
     that are 32 but not 64 bytes aligned every other row; 2 long rows take the split-row path."""
     from jacfast import registry
 
-    status = registry._status_for("cpu", "cpu")
+    status = registry.status_for("cpu", "cpu")
     if not status.available:
         pytest.skip(status.reason)
     grad_out = torch.full((), 0.75, dtype=dtype)
@@ -195,17 +115,6 @@ def test_forward_backward_bits_on_special_values(backend, device, dtype):
                     nan = torch.isnan(want)
                     assert torch.equal(torch.isnan(got), nan), where
                     assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), where
-
-
-def assert_forward_backward_bits(kernels, s, t, kind: int, reduction: int) -> None:
-    """forward_backward of a kernel namespace against its forward, then backward(ones)."""
-    rows, scale = s.shape[0], 1 / s.shape[0]
-    loss, grad = kernels.forward_backward(s, t, kind, reduction, 1e-12, scale)
-    loss2, coef = kernels.forward(s, t, kind, reduction, 1e-12, scale)
-    ones = torch.ones((rows,) if reduction == 0 else (), dtype=s.dtype, device=s.device)
-    grad2, _ = kernels.backward(ones, s, t, coef, reduction, scale, True, False)
-    where = (tuple(s.shape), s.dtype, kind, reduction)
-    assert torch.equal(loss, loss2) and torch.equal(grad, grad2), where
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())

@@ -4,7 +4,7 @@ import torch
 from conftest import DEVICE, kernel_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_loss import KINDS, REDUCTIONS, assert_matches_oracle, make_pair
+from helpers import KINDS, REDUCTIONS, assert_matches_oracle, make_pair
 
 import jacfast
 from jacfast import reference, registry
@@ -115,7 +115,7 @@ def test_triton_interpreter_that_cannot_run_is_unavailable_with_its_error(monkey
     if registry._import("triton")[1]:
         pytest.skip("triton is not installed")
     monkeypatch.setattr(registry, "_interpreter_error", lambda: "InterpreterError: TypeError('probe')")
-    status = registry._status_for("triton", "cpu")
+    status = registry.status_for("triton", "cpu")
     assert not status.available and "TypeError('probe')" in status.reason and "numpy" in status.reason
     with pytest.raises(registry.BackendUnavailableError, match="probe"):
         jacfast.jacobian_matching_loss(torch.randn(2, 1, 3), torch.randn(2, 1, 3), backend="triton")
@@ -134,7 +134,7 @@ def test_interpreter_probe_predicts_a_real_kernel():
     except Exception:  # whatever the interpreter raises
         kernel_runs = False
     assert kernel_runs == (why == ""), why
-    assert registry._status_for("triton", "cpu").available == (why == "")
+    assert registry.status_for("triton", "cpu").available == (why == "")
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
@@ -243,8 +243,8 @@ def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
     with pytest.raises(jacfast.BackendUnavailableError, match="CUDA tensors only"):
         registry.resolve("cuda", torch.device("cpu"))
     unavailable = registry.BackendStatus("cpu", False, "pretend it is not built")
-    original = registry._status_for
-    monkeypatch.setattr(registry, "_status_for", lambda name, dev: unavailable if name == "cpu" else original(name, dev))
+    original = registry.status_for
+    monkeypatch.setattr(registry, "status_for", lambda name, dev: unavailable if name == "cpu" else original(name, dev))
     with pytest.raises(jacfast.BackendUnavailableError, match="pretend it is not built"):
         registry.resolve("cpu", torch.device("cpu"))
     assert registry.resolve("auto", torch.device("cpu")) == "torch"

@@ -95,7 +95,7 @@ def check_kernel(fmt: str, seed: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _cpu_backend():
-    status = registry._status_for("cpu", "cpu")
+    status = registry.status_for("cpu", "cpu")
     if not status.available:
         pytest.skip(status.reason)
 

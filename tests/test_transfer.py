@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from directional import assert_matches_directional_differences
+from helpers import assert_matches_directional_differences
 
 from jacfast.losses import TransferLoss, attention_map
 

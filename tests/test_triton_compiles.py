@@ -24,9 +24,10 @@ import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-# the fused module first: it must import on its own (no import cycle with the one it extends)
-from jacfast.kernels import triton_jacobian_matching_fused as jf, triton_jacobian_matching as jm, triton_topk_seeds as tk
-assert jm.forward_backward is jf.forward_backward
+# the fused module first: it must import on its own (imports point one way: fused -> two_pass)
+from jacfast.kernels.triton_jacobian_matching import fused as jf, two_pass as jm
+from jacfast.kernels import triton_jacobian_matching, triton_topk_seeds as tk
+assert triton_jacobian_matching.forward_backward is jf.forward_backward
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = lambda dt: "*" + dt

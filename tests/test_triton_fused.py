@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from conftest import DEVICE
-from test_loss import assert_forward_backward_bits, assert_matches_oracle, make_pair
+from helpers import assert_forward_backward_bits, assert_matches_oracle, make_pair
 
 from jacfast import registry
 
@@ -20,7 +20,7 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @pytest.fixture(scope="module")
 def triton_kernels():
-    status = registry._status_for("triton", DEVICE.type)
+    status = registry.status_for("triton", DEVICE.type)
     if not status.available:
         pytest.skip(status.reason)
     return registry.kernels("triton", "jacobian_matching")
@@ -31,7 +31,7 @@ def _path_shapes(device):
     (of 2048) in one split are "fused"; longer rows, and rows split for want of rows, go in
     splits of one block to the row "barrier", or "two-pass" past one split per SM. Squared and
     norm rows are fused either way (in one kernel, or by stage 1 writing their gradient)."""
-    from jacfast.kernels.triton_jacobian_matching import _num_sms
+    from jacfast.kernels.triton_jacobian_matching.common import num_sms as _num_sms
 
     many = 4 * _num_sms(device)  # at least this many rows: one split per row
     beyond = (_num_sms(device) + 1) * 2048 + 1  # one split more than the barrier takes
@@ -45,7 +45,7 @@ def test_split_plan_covers_rows_in_launchable_splits():
     kernel holds in registers, except past CUDA's 65535 limit on stage 1's second grid
     dimension (rows of more than 65535 blocks, ~2^27 elements), where splits grow; every plan
     covers its row."""
-    from jacfast.kernels.triton_jacobian_matching import _plan
+    from jacfast.kernels.triton_jacobian_matching.common import plan as _plan
 
     for device in (torch.device("cpu"), DEVICE):
         for rows in (1, 2, 16, 1024):
@@ -72,10 +72,15 @@ class _Spy:
         return launch
 
 
-def _fused_module():
+def _kernel_module(name):
+    """A module of the Triton loss head, imported on first use (triton may be missing)."""
     import importlib
 
-    return importlib.import_module("jacfast.kernels.triton_jacobian_matching_fused")
+    return importlib.import_module(f"jacfast.kernels.triton_jacobian_matching.{name}")
+
+
+def _fused_module():
+    return _kernel_module("fused")
 
 
 def _spies(monkeypatch, *names):
@@ -86,7 +91,7 @@ def _spies(monkeypatch, *names):
         return None
     spies = {}
     for name in names:
-        module = fused if hasattr(fused, name) else registry.kernels("triton", "jacobian_matching")
+        module = fused if hasattr(fused, name) else _kernel_module("two_pass")
         spies[name] = _Spy(getattr(module, name))
         monkeypatch.setattr(module, name, spies[name])
     return spies
@@ -130,7 +135,7 @@ def test_row_barrier_gives_up_without_changing_the_bits(triton_kernels, monkeypa
             sync = spies["_barrier_kernel"].args[4]  # [ticket, arrived per row, done per split]
             assert sync[0] == rows * 4 and torch.equal(sync[1:1 + rows], torch.full((rows,), 4, dtype=sync.dtype))
             passed = sync[1 + rows:].reshape(rows, 4).sum(1)  # splits that wrote their gradient themselves
-            if _fused_module()._INTERPRET:
+            if _fused_module().INTERPRET:
                 assert torch.equal(passed, torch.ones_like(passed)), passed
             else:  # 12 programs, all resident at once: none may give up (or the barrier never fuses)
                 assert torch.equal(passed, torch.full_like(passed, 4)), passed
@@ -157,7 +162,7 @@ def test_row_barrier_can_be_turned_off(triton_kernels, monkeypatch):
 @pytest.mark.parametrize("kind", ("normalized", "squared", "norm"))
 def test_fused_rows_match_the_oracle(triton_kernels, dtype, kind):
     """Through the public loss (the training case takes the fused path), odd row lengths."""
-    rows = 4 * triton_kernels._num_sms(DEVICE) + 1
+    rows = 4 * _kernel_module("common").num_sms(DEVICE) + 1
     for dim in (3, 1000, 3001, 4096):
         student, teacher = make_pair((rows, 1, dim), dtype, DEVICE, kind)
         for reduction in ("none", "mean"):

@@ -2,5 +2,5 @@
 
 ``python -m jacfast bench`` runs them; results are JSON rows (device, versions, revision)
 under ``benchmarks/results/``; ``benchmarks/plot.py`` and ``benchmarks/report.py`` turn
-those files into plots and the README's performance section.
+those files into plots, docs/performance.md's tables and the README's summary.
 """

@@ -11,13 +11,10 @@ the copy alone move a row's "x floor" by 2x or more); GB/s is that traffic over 
 
 Providers are timed in blocks of back-to-back calls that take turns, five rounds, each block
 after one untimed call (:func:`jacfast.bench.timing.measure_blocks`): load that drifts over
-seconds falls on every provider alike. Round-robin calls (as the selection and
-training-step benchmarks do) were tried and dropped here: on this project's 2-core VM any
-call that follows another provider's (or a 3 ms pause) pays a constant ~0.4-0.5 ms
-wake-up, whatever the provider (measured: jacfast +376 us, eager +543 us, torch.compile
-+372 us at 256 x 3072), which swamps millisecond kernels; one block per provider left the
-ratios at the mercy of load changes between blocks (the same kernel varied by 20-30%
-between full runs). jacfast-cpu's bwd is almost free when its forward already computed the
+seconds falls on every provider alike. Not round-robin calls (as the selection and
+training-step benchmarks do): on a small VM a call that follows another provider's pays a
+constant wake-up that swamps millisecond kernels; nor one block per provider, which leaves
+the ratios at the mercy of load changes between blocks (docs/performance.md). jacfast-cpu's bwd is almost free when its forward already computed the
 gradient (the fused path of JacobianMatchingFunction).
 
 On a GPU, fwd+bwd of the normalized loss also times ``jacfast-<backend>-unfused``: the same
@@ -78,7 +75,7 @@ def providers(device: torch.device, kind: str) -> dict:
     # The fourth backend, "torch", runs jacfast/reference.py through autograd: it is the
     # "eager" provider below, so it is not timed twice.
     for name in ("cuda", "triton", "cpu"):
-        status = registry._status_for(name, device.type)
+        status = registry.status_for(name, device.type)
         interpreted = name == "triton" and device.type == "cpu"  # the interpreter is for tests, not timing
         if status.available and not interpreted:
             found[f"jacfast-{name}"] = lambda s, t, _b=name: jloss.jacobian_matching_loss(s, t, kind=kind, backend=_b)
@@ -176,7 +173,7 @@ _KERNEL_PATHS = {0: "forward then backward", 1: "fused rows", 2: "fused split ro
 
 def _kernel_path(backend: str, rows: int, dim: int, dtype: torch.dtype, kind: str, device) -> str:
     """Which kernels the GPU backend's forward_backward runs here (csrc/cuda/jacobian_matching.cu,
-    fused_path in jacfast/kernels/triton_jacobian_matching_fused.py: the same codes)."""
+    fused_path in jacfast/kernels/triton_jacobian_matching/fused.py: the same codes)."""
     code = ("normalized", "squared", "norm").index(kind)
     if backend == "cuda":
         path = torch.ops.jacfast_cuda._fused_path(rows, dim, dtype, code)

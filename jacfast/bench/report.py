@@ -1,4 +1,5 @@
-"""Plots and the README performance section, generated from result files (never typed by hand)."""
+"""Plots, docs/performance.md's tables and the README's performance summary, generated from
+result files (never typed by hand)."""
 from __future__ import annotations
 
 import glob
@@ -7,7 +8,9 @@ import os
 import re
 from collections import defaultdict
 
-BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
+BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"  # docs/performance.md
+SUMMARY_BEGIN, SUMMARY_END = "<!-- performance-summary:begin -->", "<!-- performance-summary:end -->"  # README.md
+SUMMARY_PLOT = "summary-normalized-float32.png"
 
 
 def load_results(folder: str) -> list[dict]:
@@ -132,12 +135,13 @@ def loss_head_targets(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _env_line(result: dict, folder: str) -> str:
+def _env_line(result: dict, link_root: str) -> str:
     env = result["environment"]
-    rel = os.path.relpath(result["path"], os.path.dirname(folder.rstrip("/")) or ".")
+    link = _link(os.path.dirname(result["path"]), os.path.basename(result["path"]), link_root)
     allocator = f", allocator: {env['allocator']}" if env.get("allocator") else ""
     line = (f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}, revision {env['git_revision']}, "
-            f"{env['timestamp']}{allocator} (suite `{result['suite']}`, file `{rel}`).")
+            f"{env['timestamp']}{allocator} (suite `{result['suite']}`, file "
+            f"[`{os.path.basename(result['path'])}`]({link})).")
     if not is_complete(result):
         line += (f" **Incomplete run** ({result.get('stopped') or 'stopped early'}): the tables show the "
                  f"{len(result['rows'])} rows it measured.")
@@ -147,7 +151,7 @@ def _env_line(result: dict, folder: str) -> str:
 def _selection_part(device: str, result: dict, folder: str, link_root: str) -> list[str]:
     from jacfast.bench.selection import strategy_table, topk_table
 
-    return [f"### Input-Jacobian selection on {device}", "", _env_line(result, folder), "",
+    return [f"### Input-Jacobian selection on {device}", "", _env_line(result, link_root), "",
             "Top-k seeds: the fused op against `torch.topk` + `zeros().scatter_` (one-hot seeds (K, B, C)).", "",
             topk_table(result["rows"]), "",
             "`input_jacobians` strategies on a small CNN: teacher rows (`create_graph=False`, eval mode) and student "
@@ -162,7 +166,7 @@ def _training_step_part(key: tuple, result: dict, folder: str, link_root: str) -
     r0 = result["rows"][0]
     device, allocator = key
     title = f"### Distillation training step on {device}" + (f", allocator: {allocator}" if allocator else "")
-    return [title, "", _env_line(result, folder), "",
+    return [title, "", _env_line(result, link_root), "",
             f"One SGD step of CE + KD + Jacobian matching (teacher {r0['teacher_width']} wide, student "
             f"{r0['student_width']}, input {r0['input']}, B = {r0['batch']}, the teacher's top-K outputs); peak memory "
             f"above the step's start ({r0['memory_method']}).", "", table(result["rows"]), "",
@@ -171,7 +175,7 @@ def _training_step_part(key: tuple, result: dict, folder: str, link_root: str) -
 
 
 def performance_section(folder: str, link_root: str | None = None) -> str:
-    """The README's generated part; plot links are relative to ``link_root`` (default: the
+    """docs/performance.md's generated part: every table of the newest runs; plot links are relative to ``link_root`` (default: the
     folder two levels up, the repository root for ``benchmarks/results``)."""
     link_root = link_root or os.path.dirname(os.path.dirname(os.path.abspath(folder)))
     results = load_results(folder)
@@ -184,7 +188,7 @@ def performance_section(folder: str, link_root: str | None = None) -> str:
     if not chosen and not any(others.values()):
         parts.append("No benchmark results are committed yet.")
     for device, result in sorted(chosen.items(), key=lambda kv: kv[1]["environment"]["device_type"]):
-        parts += [f"### Loss head on {device}", "", _env_line(result, folder), "",
+        parts += [f"### Loss head on {device}", "", _env_line(result, link_root), "",
                   "fwd+bwd of `jacobian_matching_loss` (mean reduction) through autograd; the floor is reading "
                   "student and teacher once and writing the gradient, at the copy bandwidth of the same run; GB/s "
                   "counts that traffic; peak memory above the inputs.", "",
@@ -204,16 +208,101 @@ def performance_section(folder: str, link_root: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def update_readme(readme: str, folder: str) -> None:
-    with open(readme) as handle:
+def update_block(path: str, begin: str, end: str, section: str) -> None:
+    """Replace the ``begin`` ... ``end`` block of the file at ``path`` by ``section`` (which
+    carries the markers)."""
+    with open(path) as handle:
         text = handle.read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to fill")
-    section = performance_section(folder, os.path.dirname(os.path.abspath(readme)))  # links relative to the README
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    with open(readme + ".tmp", "w") as handle:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to fill")
+    new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    with open(path + ".tmp", "w") as handle:
         handle.write(new)
-    os.replace(readme + ".tmp", readme)
+    os.replace(path + ".tmp", path)
+
+
+def update_docs(readme: str, performance_doc: str, folder: str) -> None:
+    """Regenerate the README's summary and the performance document's tables (links relative
+    to each file)."""
+    update_block(readme, SUMMARY_BEGIN, SUMMARY_END,
+                 summary_section(folder, os.path.dirname(os.path.abspath(readme))))
+    update_block(performance_doc, BEGIN, END,
+                 performance_section(folder, os.path.dirname(os.path.abspath(performance_doc))))
+
+
+# The backend "auto" picks on each device, first available first: the summary shows it.
+_AUTO_ORDER = ("jacfast-cuda", "jacfast-triton", "jacfast-cpu")
+
+
+def _headline_rows(result: dict, kind: str = "normalized", dtype: str = "float32") -> list[dict]:
+    """fwd+bwd rows of ``kind``/``dtype`` of the backend auto picks (the first of _AUTO_ORDER
+    the run measured)."""
+    rows = [r for r in result["rows"] if r["mode"] == "fwd+bwd" and r["kind"] == kind and r["dtype"] == dtype]
+    for provider in _AUTO_ORDER:
+        mine = [r for r in rows if r["provider"] == provider]
+        if mine:
+            return mine
+    return []
+
+
+def _span(values: list[float], fmt: str) -> str:
+    if not values:
+        return "–"
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}–{hi:{fmt}}"
+
+
+def _step_run(results: list[dict]) -> dict:
+    """device -> its training-step run with freed memory kept (the bench's default allocator),
+    else its untuned one."""
+    runs = latest_per_device(results, "training_step", by_allocator=True)
+    chosen: dict = {}
+    for (device, allocator), result in sorted(runs.items(), key=lambda kv: str(kv[0][1]).startswith("glibc")):
+        chosen[device] = result  # the glibc-tuned run sorts last and wins
+    return chosen
+
+
+def summary_section(folder: str, link_root: str | None = None) -> str:
+    """The README's performance summary: per device, the headline ratios of the newest runs."""
+    link_root = link_root or os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+    results = load_results(folder)
+    heads = latest_per_device(results, "loss_head", having=_has_fwd_bwd)
+    steps = _step_run(results)
+    lines = [SUMMARY_BEGIN, "",
+             "| device | loss head x eager | loss head x torch.compile | step x loop: exact | step x loop: central fd "
+             "| step x loop: forward fd | step x loop: teacher cache | step time / plain KD: exact "
+             "| step time / plain KD: teacher cache | result files |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def by_k(rows: list[dict], provider: str, field: str) -> str:
+        got = [f"{r[field]:.2f}" for r in sorted(rows, key=lambda r: r["k"]) if r["provider"] == provider]
+        return " / ".join(got) if got else "–"
+
+    devices = sorted(set(heads) | set(steps), key=lambda d: ((heads.get(d) or steps[d])["environment"]["device_type"] != "cuda", d))
+    for device in devices:
+        head, step = heads.get(device), steps.get(device)
+        rows = _headline_rows(head) if head else []
+        srows = step["rows"] if step else []
+        files = [f"[{name}]({_link(os.path.dirname(r['path']), os.path.basename(r['path']), link_root)})"
+                 for name, r in (("loss head", head), ("step", step)) if r]
+        lines.append(f"| {device} | {_span([r['speedup_vs_eager'] for r in rows], '.1f')} | "
+                     f"{_span([r['speedup_vs_compile'] for r in rows], '.2f')} | "
+                     + " | ".join(by_k(srows, p, "speedup_vs_naive_paired")
+                                  for p in ("jacfast-exact", "jacfast-fd", "jacfast-fd-forward", "jacfast-cache"))
+                     + " | " + " | ".join(by_k(srows, p, "vs_floor") for p in ("jacfast-exact", "jacfast-cache"))
+                     + f" | {' · '.join(files)} |")
+    if not devices:
+        lines.append("| no results committed yet | | | | | | | | | |")
+    ks = sorted({r["k"] for s in steps.values() for r in s["rows"]})
+    lines += ["", "Loss head: `jacobian_matching_loss(kind=\"normalized\")`, float32, forward+backward, the "
+              "backend `auto` picks, range over the sweep's sizes. Step: one SGD step of CE + KD + Jacobian "
+              f"matching on a small CNN, K = {' / '.join(map(str, ks)) or '–'} selected outputs, paired by round; "
+              "\"x loop\" > 1: faster than the hand-written loop (per output one `autograd.grad` of teacher and student, the eager loss); \"step "
+              "time / plain KD\": the step's time over that of a step without Jacobian matching. _Generated by `python benchmarks/report.py` from "
+              "`benchmarks/results/`._", "",
+              f"![normalized float32 loss head: speedup over torch.compile per size, every device]"
+              f"({_link(folder, SUMMARY_PLOT, link_root)})", "", SUMMARY_END]
+    return "\n".join(lines)
 
 
 def plot(folder: str, out_dir: str | None = None) -> list[str]:
@@ -251,6 +340,8 @@ def plot(folder: str, out_dir: str | None = None) -> list[str]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+    if loss_head:
+        written.append(_summary_plot(plt, loss_head, os.path.join(out_dir, SUMMARY_PLOT)))
     for device, result in loss_head.items():
         rows = [r for r in result["rows"] if r["mode"] == "fwd+bwd" and r["kind"] == "normalized"
                 and r["dtype"] == "float32" and r.get("peak_mb") is not None]
@@ -300,6 +391,29 @@ def _plot_links(result: dict, folder: str, link_root: str) -> list[str]:
     others = " · ".join(f"[{kind} {dtype}]({link(_speedup_plot_name(device, kind, dtype))})" for kind, dtype in pairs)
     lines += [f"Speedup plots: {others} · [peak memory]({link(_memory_plot_name(device))})", ""]
     return lines
+
+
+def _summary_plot(plt, loss_head: dict, path: str) -> str:
+    """The README's plot: normalized float32 fwd+bwd over torch.compile per size, a line per device."""
+    per_device = {device: _headline_rows(result) for device, result in sorted(loss_head.items())}
+    sizes = sorted({(r["rows"], r["dim"]) for rows in per_device.values() for r in rows}, key=lambda s: (s[0] * s[1], s))
+    labels = [f"{r}x{d}" for r, d in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for device, rows in per_device.items():
+        if rows:
+            by_size = {(r["rows"], r["dim"]): r["speedup_vs_compile"] for r in rows}
+            ax.plot(labels, [by_size.get(s, float("nan")) for s in sizes], marker="o",
+                    label=f"{device}, {rows[0]['provider'][8:]}")
+    ax.axhline(1.0, color="k", linewidth=0.8, linestyle=":")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("rows x row length")
+    ax.set_ylabel("speedup over torch.compile (fwd+bwd)")
+    ax.set_title("jacfast normalized loss head, float32, per device", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _memory_bars(plt, rows: list[dict], group, ylabel: str, title: str, path: str) -> list[str]:

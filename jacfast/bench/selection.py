@@ -93,7 +93,7 @@ def topk_providers(device: torch.device) -> dict:
     found = {}
     for name in ("cuda", "triton", "cpu", "torch"):
         interpreted = name == "triton" and device.type == "cpu"  # the interpreter is for tests, not timing
-        if registry._status_for(name, device.type).available and not interpreted:
+        if registry.status_for(name, device.type).available and not interpreted:
             found[f"jacfast-{name}"] = lambda logits, k, _b=name: topk_seeds(logits, k, backend=_b)
     found[NAIVE] = naive_topk_seeds
     return found

@@ -71,7 +71,7 @@ def measure_blocks(fns: dict[str, Callable], device: torch.device, *, rounds: in
     untimed call, then a block of timed calls: its share (1 / rounds) of ``min_repeats`` and
     ``min_time``. Load that drifts over seconds then falls on every provider's samples alike,
     as with round-robin calls (:func:`measure_interleaved`), without charging each call the
-    wake-up of switching providers (~0.4 ms on this project's VM; the untimed call takes it).
+    wake-up of switching providers (the untimed call takes it).
     """
     names = list(fns)
     setups = setups or {}
@@ -110,8 +110,8 @@ def measure_interleaved(fns: dict[str, Callable], device: torch.device, *, min_t
     have passed. On a loaded machine this keeps ratios honest; back-to-back blocks would
     charge one provider for a load spike the others missed. ``raw``, if given, receives each
     provider's seconds per round, in round order (for :func:`paired_ratio`).
-    Caveat: on this project's VM a call that follows another provider's pays a constant
-    wake-up of ~0.4 ms (OpenMP workers, seen at 256 x 3072), so the loss head uses :func:`measure_blocks`."""
+    Caveat: on a small VM a call that follows another provider's pays a constant wake-up
+    (OpenMP workers), so the loss head uses :func:`measure_blocks`."""
     names = list(fns)
     setups = setups or {}
     prepare = {name: setups.get(name, lambda i: i) for name in names}
@@ -245,8 +245,8 @@ def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> 
 
 def rotation_count(bytes_per_set: int, device: torch.device) -> int:
     """How many input sets to rotate through so that together they exceed the caches: 256 MiB
-    on a GPU (H100 / H200 L2: 50-60 MB), on a CPU twice its last-level cache and at least
-    128 MiB (a fixed 128 MiB was less than twice the 105 MiB L3 of a Xeon this ran on)."""
+    on a GPU (several times an H100's or H200's L2), on a CPU twice its last-level cache and
+    at least 128 MiB (L3s of 100 MiB and more exist)."""
     if device.type == "cuda":
         cache = 256 * 2**20
     else:
@@ -261,9 +261,9 @@ def keep_freed_memory() -> str:
     """Make glibc keep freed blocks below 32 MiB for reuse instead of returning them to the OS.
 
     By default glibc serves large blocks by mmap (or trims the heap) and gives them back on
-    free, so the next tensor of that size page-faults all its memory again: on this project's
-    2-core VM that cost up to 1 ms per 3 MB tensor, at random, to every provider (eager,
-    torch.compile and jacfast alike), depending on the order of allocations. PyTorch's CPU
+    free, so the next tensor of that size page-faults all its memory again, a cost that falls
+    at random on every provider (eager, torch.compile and jacfast alike), depending on the
+    order of allocations (docs/performance.md). PyTorch's CPU
     tuning guide recommends a caching allocator for the same reason. Returns what was set.
     """
     import ctypes
@@ -291,8 +291,7 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     # The last-level cache (the largest of CPU 0) tells apart VMs that report the same model
-    # name: two "Intel(R) Xeon(R) Processor" hosts of this project, 105 and 480 MiB L3, copies
-    # at 12-24 and 39-46 GB/s.
+    # name and copy at very different rates (docs/performance.md).
     cache = last_level_cache_bytes()
     cache_text = f", {cache / 2**20:.0f} MiB LLC" if cache and cache >= 2**20 else ""
     return f"{model} ({torch.get_num_threads()} threads{cache_text})"

@@ -25,10 +25,9 @@ REDUCTION_NONE, REDUCTION_SCALED_SUM = 0, 1
 # row's gradient while the row is in cache (squared and norm: each element from one load), the
 # Triton and CUDA ones from registers for rows short enough (csrc/README.md), running forward
 # then backward for longer rows. On a GPU fusing saves 2 of 5 passes for every dtype. The
-# CPU's 16-bit normalized kernels are compute-bound (float64 arithmetic and conversions):
-# fused, bf16 and fp16 at 16 x 150528 were only 8-11% faster than forward then backward, less
-# than scaling by an incoming gradient other than 1 costs; its 16-bit squared and norm ones,
-# one load per element, 1.5-1.8x faster (8192 x 784, 256 x 3072, 16 x 150528).
+# CPU's 16-bit normalized kernels are compute-bound (float64 arithmetic and conversions), so
+# fusing them gains less than scaling by an incoming gradient other than 1 costs: they run
+# forward then backward (docs/performance.md); its 16-bit squared and norm ones fuse.
 FUSED_BACKENDS = frozenset({"cpu", "triton", "cuda"})
 _WIDE = frozenset({torch.float32, torch.float64})
 
@@ -131,7 +130,7 @@ def _scale_by_upstream_(grad: Tensor, grad_loss: Tensor, reduction: int) -> None
     on_cpu = grad_loss.device.type == "cpu"
     if on_cpu and grad_loss.ndim == 0 and grad_loss.item() == 1.0:
         return
-    if not on_cpu and registry._status_for("triton", grad_loss.device.type).available:
+    if not on_cpu and registry.status_for("triton", grad_loss.device.type).available:
         _kernels("triton").scale_unless_one_(grad, grad_loss.to(grad.dtype), reduction)
     else:
         grad.mul_(grad_loss.view(-1, 1) if reduction == REDUCTION_NONE else grad_loss)
@@ -140,9 +139,8 @@ def _scale_by_upstream_(grad: Tensor, grad_loss: Tensor, reduction: int) -> None
 class JacobianMatchingFunction(torch.autograd.Function):
     """The ops' autograd formula for eager calls: same kernels, less overhead, fewer passes.
 
-    Custom-op dispatch with ``register_autograd`` cost ~180 us per forward+backward on this
-    project's CPU (241 us against 6 us of kernel time at R=8, D=50), as much as the kernels
-    take at R*D ~ 1e6; this Function calls the kernels directly (~60 us of overhead).
+    Custom-op dispatch with ``register_autograd`` costs per call about what the kernels take
+    at R*D ~ 1e6 (docs/performance.md); this Function calls the kernels directly.
     Compiled graphs, ``opcheck`` and export go through the registered ops instead.
 
     Fused path (:func:`fuses`: every dtype on the GPU backends; on the CPU every dtype of the

@@ -1,10 +1,13 @@
 """forward_backward of the Triton loss head: the kernels that read each row once.
 
-The plan, the shared jit helpers (_tree_sum, _rounded, _row_terms) and forward / backward are
-in triton_jacobian_matching (the registry's module, which re-exports forward_backward,
-fused_path and scale_unless_one_); its docstring says which rows take which kernel. Each kernel
-here repeats forward's sums in forward's order, so forward_backward has the bits of forward
-then backward(grad_loss = 1).
+Rows of up to 4096 elements in one split: one fused launch holds them in registers and writes
+their gradient, then the finishing kernel. Split rows (splits of one block): of the squared and
+norm kinds, stage 1 writes the gradient too (2 launches); of the normalized kind, at most one
+split per SM, the splits of a row meet at a barrier (_barrier_kernel), then the finishing
+kernel and a kernel for the splits that gave up waiting (nearly always none: 3 launches and a
+memset); rows of more splits: forward then backward (5 passes). Each kernel here repeats
+forward's sums in forward's order, so forward_backward has the bits of forward then
+backward(grad_loss = 1).
 """
 import os
 
@@ -12,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .device_guard import on_tensors_device
-from .triton_jacobian_matching import (_BWD_MAX_BD, _INTERPRET, AUTOTUNE, EXACT, FIXED, _f64_bits, _finish, _next_pow2,
-                                       _num_sms, _plan, _rnd, _rounded, _row_sums, _row_terms,
-                                       _student_grad, _tree_sum, _unit_upstream, backward, forward)
+from ..device_guard import on_tensors_device
+from .common import (AUTOTUNE, BWD_MAX_BD, EXACT, FIXED, INTERPRET, f64_bits, next_pow2, num_sms, plan,
+                     rnd_code, rounded, row_sums, row_terms, student_grad, tree_sum, unit_upstream)
+from .two_pass import backward, finish, forward
 
 
 @triton.jit
@@ -50,9 +53,9 @@ def _fused_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, eps_bits, scale_bits,
         t = tl.zeros([RB, NB * BLOCK], dtype=tl.float64)
     zero = tl.zeros([RB], dtype=tl.float64)
     if KIND == 0:
-        a = _tree_sum(_chunk_sum(s * s, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
-        b = _tree_sum(_chunk_sum(t * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
-        c = _tree_sum(_chunk_sum(s * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        a = tree_sum(_chunk_sum(s * s, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        b = tree_sum(_chunk_sum(t * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        c = tree_sum(_chunk_sum(s * t, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
         tl.store(ws_ptr + R + rows, b, mask=rmask)
         tl.store(ws_ptr + R + (R + rows), c, mask=rmask)
     else:
@@ -60,16 +63,16 @@ def _fused_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, R, D, eps_bits, scale_bits,
             d = s - t
         else:  # norm: s^2
             d = s
-        a = _tree_sum(_chunk_sum(d * d, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
+        a = tree_sum(_chunk_sum(d * d, RB, BLOCK, NB), RB, BLOCK, LOG2_BLOCK)
         b = zero
         c = zero
     tl.store(ws_ptr + rows, a, mask=rmask)
     # _finish_kernel with one split adds each sum to 0.0; so does this, for the same bits.
-    _, c0, c1, c2 = _row_terms(zero + a, zero + b, zero + c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True),
+    _, c0, c1, c2 = row_terms(zero + a, zero + b, zero + c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True),
                                KIND)
-    g = _unit_upstream(scale_bits, REDUCTION)
-    grad = _student_grad(g, c0[:, None], c1[:, None], s, t)
-    tl.store(gs_ptr + offs, _rounded(grad, gs_ptr, RND), mask=m)
+    g = unit_upstream(scale_bits, REDUCTION)
+    grad = student_grad(g, c0[:, None], c1[:, None], s, t)
+    tl.store(gs_ptr + offs, rounded(grad, gs_ptr, RND), mask=m)
 
 
 @triton.jit(do_not_specialize=["eps_bits", "scale_bits", "max_polls"])
@@ -99,9 +102,9 @@ def _barrier_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, sync_ptr, R, D, S, RS, eps_bit
         else:
             t = tl.zeros([1, BLOCK], dtype=tl.float64)
         q = row * S + sp + tl.arange(0, 1)  # workspace layout [quantity, row, split]
-        tl.store(ws_ptr + q, _tree_sum(_chunk_sum(s * s, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
-        tl.store(ws_ptr + RS + q, _tree_sum(_chunk_sum(t * t, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
-        tl.store(ws_ptr + RS + (RS + q), _tree_sum(_chunk_sum(s * t, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
+        tl.store(ws_ptr + q, tree_sum(_chunk_sum(s * s, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
+        tl.store(ws_ptr + RS + q, tree_sum(_chunk_sum(t * t, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
+        tl.store(ws_ptr + RS + (RS + q), tree_sum(_chunk_sum(s * t, 1, BLOCK, 1), 1, BLOCK, LOG2_BLOCK))
         tl.debug_barrier()  # every thread's stores before the release below
         arrived = tl.atomic_add(sync_ptr + 1 + row, 1, sem="acq_rel", scope="gpu") + 1
         polls = 0
@@ -111,11 +114,11 @@ def _barrier_kernel(s_ptr, t_ptr, ws_ptr, gs_ptr, sync_ptr, R, D, S, RS, eps_bit
         if arrived >= S:
             # _finish_kernel's sums of this row; its mask a constant (row < R costs registers, spills)
             valid = tl.arange(0, 1) < 1
-            a, b, c = _row_sums(ws_ptr, row + tl.arange(0, 1), valid, S, RS, 0, 1, SB, LOG2_SB, True)
-            _, c0, c1, _ = _row_terms(a, b, c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True), 0)
-            g = _unit_upstream(scale_bits, REDUCTION)
-            grad = _student_grad(g, c0[:, None], c1[:, None], s, t)
-            tl.store(gs_ptr + offs, _rounded(grad, gs_ptr, RND), mask=m)
+            a, b, c = row_sums(ws_ptr, row + tl.arange(0, 1), valid, S, RS, 0, 1, SB, LOG2_SB, True)
+            _, c0, c1, _ = row_terms(a, b, c, eps_bits.to(tl.int64).to(tl.float64, bitcast=True), 0)
+            g = unit_upstream(scale_bits, REDUCTION)
+            grad = student_grad(g, c0[:, None], c1[:, None], s, t)
+            tl.store(gs_ptr + offs, rounded(grad, gs_ptr, RND), mask=m)
             tl.store(sync_ptr + 1 + R + ticket, 1)
 
 
@@ -137,7 +140,7 @@ def _pending_backward_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, done_ptr, D, CHUNK,
                 end = tl.minimum(start + CHUNK, D)
                 c0 = tl.load(coef_ptr + row * 3)
                 c1 = tl.load(coef_ptr + row * 3 + 1)
-                g = _unit_upstream(scale_bits, REDUCTION)
+                g = unit_upstream(scale_bits, REDUCTION)
                 for k0 in range(start, end, BD):
                     cols = k0 + tl.arange(0, BD)
                     m = cols < end
@@ -146,8 +149,8 @@ def _pending_backward_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, done_ptr, D, CHUNK,
                         t = tl.load(t_ptr + row * D + cols, mask=m, other=0.0).to(tl.float64)
                     else:
                         t = tl.zeros([BD], dtype=tl.float64)
-                    grad = _student_grad(g, c0, c1, s, t)
-                    tl.store(gs_ptr + row * D + cols, _rounded(grad, gs_ptr, RND), mask=m)
+                    grad = student_grad(g, c0, c1, s, t)
+                    tl.store(gs_ptr + row * D + cols, rounded(grad, gs_ptr, RND), mask=m)
 
 
 @triton.jit
@@ -167,15 +170,12 @@ def _scale_unless_one_kernel(x_ptr, g_ptr, g_stride, R, D, RND: tl.constexpr, BD
         m = rmask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float64)
-        tl.store(x_ptr + offs, _rounded(x * g[:, None], x_ptr, RND), mask=m)
+        tl.store(x_ptr + offs, rounded(x * g[:, None], x_ptr, RND), mask=m)
 
 
-# For 4096-element rows compiled as launched (i32 sizes, 16-byte aligned pointers and D, no
-# FMA contraction), ptxas (sm_90) gives _fused_kernel 102-148 / 64-86 / 127-128 registers
-# with these three; the last spills 200 bytes for fp16/bf16 rows under triton 3.6, so 16-bit
-# rows tune over the first two (tests/test_triton_compiles.py checks every config for spills).
-# _barrier_kernel (one fixed config, never tuned: a rerun would find its counters spent):
-# 64-74 registers at 8 warps, so 3 programs per SM.
+# The last config spills registers for fp16/bf16 rows, so 16-bit rows tune over the first two
+# (tests/test_triton_compiles.py checks every config for spills). _barrier_kernel has one
+# fixed config, never tuned: a rerun would find its counters spent.
 FUSED_CONFIGS = [triton.Config({"RB": rb}, num_warps=w) for rb, w in ((1, 8), (1, 16), (2, 16))]
 
 
@@ -205,7 +205,7 @@ def forward_backward(student, teacher, kind: int, reduction: int, eps: float, sc
     """
     R, D = student.shape
     dev = student.device
-    block, splits, _ = _plan(R, D, dev)
+    block, splits, _ = plan(R, D, dev)
     path = fused_path(R, D, kind, dev)
     if path == 2 and kind != 0:
         gs = torch.empty((R, D), dtype=student.dtype, device=dev)
@@ -221,15 +221,15 @@ def forward_backward(student, teacher, kind: int, reduction: int, eps: float, sc
     t = teacher if has_t else student  # dummy pointer, never read when HAS_T is False
     ws = torch.empty((3 if kind == 0 else 1, R, 1), dtype=torch.float64, device=dev)
     gs = torch.empty((R, D), dtype=student.dtype, device=dev)
-    args = (student, t, ws, gs, R, D, _f64_bits(eps), _f64_bits(scale))
-    meta = dict(KIND=kind, HAS_T=has_t, REDUCTION=reduction, RND=_rnd(student.dtype), BLOCK=block,
-                LOG2_BLOCK=block.bit_length() - 1, NB=_next_pow2(triton.cdiv(D, block)))
+    args = (student, t, ws, gs, R, D, f64_bits(eps), f64_bits(scale))
+    meta = dict(KIND=kind, HAS_T=has_t, REDUCTION=reduction, RND=rnd_code(student.dtype), BLOCK=block,
+                LOG2_BLOCK=block.bit_length() - 1, NB=next_pow2(triton.cdiv(D, block)))
     if _fused_tuned is None:
         cfg, warps = FIXED["fused"]
         _fused_kernel[(triton.cdiv(R, cfg["RB"]),)](*args, **meta, **cfg, num_warps=warps, **EXACT)
     else:
         _fused_tuned[lambda m: (triton.cdiv(R, m["RB"]),)](*args, **meta, **EXACT)
-    loss, _ = _finish(ws, R, 1, kind, reduction, eps, scale, student)
+    loss, _ = finish(ws, R, 1, kind, reduction, eps, scale, student)
     return loss, gs
 
 
@@ -237,12 +237,12 @@ def fused_path(R: int, D: int, kind: int, device) -> int:
     """Which kernels forward_backward runs, in the codes of the CUDA backend's _fused_path:
     0 forward then backward (5 passes), 1 rows in one split (_fused_kernel), 2 split rows read
     once (stage 1 writing the gradient, or _barrier_kernel for the normalized kind)."""
-    _, splits, _ = _plan(R, D, device)
+    _, splits, _ = plan(R, D, device)
     if splits == 1:
         return 1
     # the barrier: at most one split per SM (so a row's splits are resident together), and
     # tickets that fit its int32 counter
-    barrier = FUSE_SPLIT_ROWS and splits <= _num_sms(device) and R * splits < 2**31
+    barrier = FUSE_SPLIT_ROWS and splits <= num_sms(device) and R * splits < 2**31
     return 2 if kind != 0 or barrier else 0
 
 
@@ -253,7 +253,7 @@ FUSE_SPLIT_ROWS = os.environ.get("JACFAST_TRITON_FUSE_SPLIT_ROWS", "1").strip() 
 # Reads of a row's arrival counter before a _barrier_kernel program gives up (~1 us each on a
 # GPU, where the wait is a few us); under the interpreter, which runs programs one after
 # another, the row's last split is the only one that never waits.
-_BARRIER_POLLS = 2 if _INTERPRET else 1 << 16
+_BARRIER_POLLS = 2 if INTERPRET else 1 << 16
 _PENDING_FLAGS = 1024  # splits per program of _pending_backward_kernel
 
 
@@ -267,15 +267,15 @@ def _forward_backward_split(student, teacher, reduction: int, eps: float, scale:
     ws = torch.empty((3, R, splits), dtype=torch.float64, device=dev)
     sync = torch.zeros(1 + R + RS, dtype=torch.int32, device=dev)
     gs = torch.empty((R, D), dtype=dtype, device=dev)
-    sb = min(_next_pow2(splits), 64)  # as _finish's, whose sums the programs repeat
-    _barrier_kernel[(RS,)](student, t, ws, gs, sync, R, D, splits, RS, _f64_bits(eps), _f64_bits(scale),
-                           _BARRIER_POLLS, HAS_T=has_t, REDUCTION=reduction, RND=_rnd(dtype), BLOCK=block,
+    sb = min(next_pow2(splits), 64)  # as finish's, whose sums the programs repeat
+    _barrier_kernel[(RS,)](student, t, ws, gs, sync, R, D, splits, RS, f64_bits(eps), f64_bits(scale),
+                           _BARRIER_POLLS, HAS_T=has_t, REDUCTION=reduction, RND=rnd_code(dtype), BLOCK=block,
                            LOG2_BLOCK=block.bit_length() - 1, SB=sb, LOG2_SB=sb.bit_length() - 1,
                            num_warps=8, **EXACT)
-    loss, coef = _finish(ws, R, splits, 0, reduction, eps, scale, student)
+    loss, coef = finish(ws, R, splits, 0, reduction, eps, scale, student)
     _pending_backward_kernel[(triton.cdiv(RS, _PENDING_FLAGS),)](
-        student, t, coef, gs, sync[1 + R:], D, block, splits, RS, _f64_bits(scale), HAS_T=has_t,
-        REDUCTION=reduction, RND=_rnd(dtype), PB=_PENDING_FLAGS, BD=_BWD_MAX_BD, num_warps=4, **EXACT)
+        student, t, coef, gs, sync[1 + R:], D, block, splits, RS, f64_bits(scale), HAS_T=has_t,
+        REDUCTION=reduction, RND=rnd_code(dtype), PB=_PENDING_FLAGS, BD=BWD_MAX_BD, num_warps=4, **EXACT)
     return loss, gs
 
 
@@ -286,8 +286,8 @@ def scale_unless_one_(grad, grad_loss, reduction: int):
     R, D = grad.shape
     g = grad_loss.reshape(R) if reduction == 0 else grad_loss.reshape(())
     g_stride = g.stride(0) if reduction == 0 else 0
-    bd = min(_next_pow2(D), _BWD_MAX_BD)
+    bd = min(next_pow2(D), BWD_MAX_BD)
     rb = max(1, FIXED["backward"][0]["TILE"] // bd)
     _scale_unless_one_kernel[(triton.cdiv(R, rb) * triton.cdiv(D, bd),)](
-        grad, g, g_stride, R, D, RND=_rnd(grad.dtype), BD=bd, RB=rb, num_warps=4, **EXACT)
+        grad, g, g_stride, R, D, RND=rnd_code(grad.dtype), BD=bd, RB=rb, num_warps=4, **EXACT)
     return grad
