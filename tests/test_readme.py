@@ -21,7 +21,7 @@ def example(name: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("name", ["loss", "own-loop", "trainer"])
+@pytest.mark.parametrize("name", ["loss", "own-loop", "trainer", "models"])
 def test_readme_example_runs(name):
     exec(compile(example(name), f"README.md:{name}", "exec"), {"__name__": f"readme_{name}"})
 
