@@ -74,7 +74,7 @@ from jacfast.jacobians import jacobians_of
 from jacfast.model_io import ModelCall
 from jacfast.selection import select as select_
 from jacfast.sequence import freeze
-from jacfast.losses.common import (  # noqa: F401  (re-exported for transfer.py and others)
+from jacfast.losses.common import (  # noqa: F401  (re-exported)
     Selected,
     _attach,
     _check_input,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacfast.losses.distillation import (
+from jacfast.losses.common import (
     _attach,
     _check_input,
     _check_logits,
